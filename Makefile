@@ -1,0 +1,38 @@
+# `make install` prepares .venv (idempotent); `make test` installs if needed, then runs the suite.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+
+.PHONY: install test serve bench clean
+
+install: $(VENV)/.installed
+
+# A machine whose python3 already has torch (a GPU box with its CUDA build) keeps it:
+# the venv then sees the system site-packages. Elsewhere torch==$(TORCH_VERSION) (CPU) is
+# installed before anything else, so no dependency can float it to a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@if [ ! -x $(VPY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "wanserve: using the system torch ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(VPY) -m pip install -q --upgrade pip
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q -e ".[test,bench]"
+	@touch $@
+
+test: install
+	$(VPY) -m pytest -q
+
+serve: install
+	./launch.sh
+
+bench: install
+	$(VPY) benchmarks/serving_overhead.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,106 @@
+"""Distributed start-up and the two channels between ranks.
+
+- The *control* channel (gloo, long timeout) carries one request object from rank 0 to all
+  ranks; idle ranks wait on it for as long as the server is idle.
+- The *step* channel (gloo, short timeout) carries one tiny flag per denoising step so every
+  rank agrees on cancellation at the same step. Its timeout, like the compute collectives',
+  bounds how long a dead or hung peer can stall the others.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from engine import xfuser_compat
+from engine.layout import ParallelLayout
+
+log = logging.getLogger("wanserve.engine")
+
+IDLE_TIMEOUT = timedelta(days=30)
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    layout: ParallelLayout
+    control_group: object
+    step_group: object
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> DistContext:
+    xfuser_compat.apply()
+    from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
+
+    rank, world_size, local_rank = env_world()
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(seconds=collective_timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    init_distributed_environment(rank=rank, world_size=world_size, local_rank=local_rank,
+                                 backend=backend)
+    initialize_model_parallel(
+        classifier_free_guidance_degree=layout.cfg,
+        sequence_parallel_degree=layout.sp,
+        ulysses_degree=layout.ulysses,
+        ring_degree=layout.ring,
+        backend=backend,
+    )
+    xfuser_compat.bind_yunchang_groups()
+    control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    step_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(rank, world_size, local_rank, device, layout, control_group, step_group)
+
+
+def broadcast_message(ctx: DistContext, message=None):
+    """Rank 0 passes the message; every rank returns it. A no-op copy at world size 1."""
+    if ctx.world_size == 1:
+        return message
+    box = [message if ctx.is_driver else None]
+    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    return box[0]
+
+
+def agree(ctx: DistContext, flag: bool) -> bool:
+    """Rank 0's flag, on every rank (one 1-element broadcast on the step channel)."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.broadcast(t, src=0, group=ctx.step_group)
+    return bool(t.item())
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier(group=ctx.step_group)
+
+
+def shutdown(ctx: DistContext | None) -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer may already be gone; nothing left to release
+            pass

@@ -1,0 +1,74 @@
+"""Loading the Wan2.2-I2V pipeline with xfuser's wrappers, the same way on every rank."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine import xfuser_compat
+
+xfuser_compat.apply()
+
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler  # noqa: E402
+from engine.sp_padding import WanServeTransformer  # noqa: E402
+from xfuser.model_executor.pipelines.pipeline_wan_i2v import (  # noqa: E402
+    xFuserWanImageToVideoPipeline,
+)
+
+log = logging.getLogger("wanserve.engine")
+
+
+class WanServePipeline(xFuserWanImageToVideoPipeline):
+    """xfuser's I2V pipeline, recording how long text and image encoding take."""
+
+    stage_times: dict
+
+    def encode_prompt(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = super().encode_prompt(*args, **kwargs)
+        self.stage_times["text_encode"] = time.perf_counter() - start
+        return out
+
+    def prepare_latents(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = super().prepare_latents(*args, **kwargs)
+        self.stage_times["image_encode"] = time.perf_counter() - start
+        return out
+
+    def for_request(self, boundary_ratio: float, flow_shift: float) -> "WanServePipeline":
+        """A view sharing every module but with its own boundary and a fresh scheduler, so a
+        request's values never leak into the next one."""
+        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=flow_shift)
+        components = dict(self.components, scheduler=scheduler)
+        view = WanServePipeline(**components, boundary_ratio=boundary_ratio,
+                                expand_timesteps=self.config.expand_timesteps)
+        view.set_progress_bar_config(disable=True)
+        view.stage_times = {}
+        return view
+
+
+def load_pipeline(model_path: Path, device: torch.device, dtype: torch.dtype) -> WanServePipeline:
+    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too)."""
+    start = time.perf_counter()
+    experts = {
+        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, torch_dtype=dtype)
+        for name in ("transformer", "transformer_2")
+        if (Path(model_path) / name).is_dir()
+    }
+    # the VAE is small next to the experts; float32 keeps encode and decode precise
+    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanServePipeline.from_pretrained(model_path, torch_dtype=dtype, vae=vae, **experts)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.stage_times = {}
+    log.info("loaded %s in %.1fs (%s, %s)", model_path, time.perf_counter() - start, device, dtype)
+    return pipe
+
+
+def num_attention_heads(model_path: Path) -> int:
+    import json
+
+    with open(Path(model_path) / "transformer" / "config.json") as f:
+        return int(json.load(f)["num_attention_heads"])

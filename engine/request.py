@@ -1,0 +1,46 @@
+"""What crosses ranks: one small picklable object per request, and the control messages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GenerationRequest:
+    """Every parameter resolved (no None left but `negative_prompt`), the image already
+    decoded and fitted to (height, width) as HxWx3 uint8."""
+
+    job_id: str
+    prompt: str
+    image: np.ndarray
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    boundary_ratio: float
+    flow_shift: float
+    seed: int
+    negative_prompt: str = ""
+
+
+@dataclass
+class GenerationResult:
+    """Rank 0's output: float frames in [0, 1], shape (F, H, W, 3), and stage timings (s)."""
+
+    frames: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Broadcast by rank 0 so that the other ranks leave their loop and exit cleanly."""
+
+    reason: str = "shutdown"
+
+
+class JobCancelled(Exception):
+    """Raised on every rank at the same step when rank 0 says the job was cancelled."""

@@ -93,9 +93,10 @@ def agree(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item())
 
 
-def barrier(ctx: DistContext) -> None:
+def ready_barrier(ctx: DistContext) -> None:
+    """All ranks have loaded the model (on the control channel: loading takes long)."""
     if ctx.world_size > 1:
-        dist.barrier(group=ctx.step_group)
+        dist.barrier(group=ctx.control_group)
 
 
 def shutdown(ctx: DistContext | None) -> None:

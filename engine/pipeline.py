@@ -53,13 +53,13 @@ def load_pipeline(model_path: Path, device: torch.device, dtype: torch.dtype) ->
     """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too)."""
     start = time.perf_counter()
     experts = {
-        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, torch_dtype=dtype)
+        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype)
         for name in ("transformer", "transformer_2")
         if (Path(model_path) / name).is_dir()
     }
     # the VAE is small next to the experts; float32 keeps encode and decode precise
-    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanServePipeline.from_pretrained(model_path, torch_dtype=dtype, vae=vae, **experts)
+    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
+    pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae, **experts)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.stage_times = {}

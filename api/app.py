@@ -1,0 +1,167 @@
+"""HTTP wiring: routes → VideoService. The only layer that builds HTTP responses."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json as jsonlib
+import time
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json, raw
+
+from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
+                        error_response)
+from api.openapi import openapi_spec
+from api.serving import VideoService, validate_listing
+from engine.config import ServerConfig
+
+POLL_AFTER_MS = "500"
+
+
+def _fields_and_image(request: Request) -> tuple[dict, bytes | None]:
+    ctype = (request.content_type or "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = jsonlib.loads(request.body or b"null")
+        except ValueError as exc:
+            raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the JSON body must be an object", code="invalid_json")
+        return body, None
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        fields = {key: values[0] for key, values in request.form.items()}
+        upload = request.files.get("input_reference")
+        if upload is not None:
+            fields.pop("input_reference", None)
+            return fields, upload.body
+        return fields, None
+    raise UnsupportedMediaType(f"unsupported Content-Type {ctype or '(none)'!r}; send "
+                               "multipart/form-data or application/json", code="unsupported_media_type")
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One `bytes=a-b` range → (start, end inclusive); None for the whole file."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    if first == "":
+        start, end = max(0, size - int(last)), size - 1
+    else:
+        start, end = int(first), (int(last) if last else size - 1)
+    if start >= size or start > end:
+        raise APIError("requested range not satisfiable", code="range_not_satisfiable",
+                       status=416, headers={"Content-Range": f"bytes */{size}"})
+    return start, min(end, size - 1)
+
+
+def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
+    app = Sanic("wanserve", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = cfg.limits.max_upload_bytes * 4 // 3 + (1 << 20)
+    app.config.REQUEST_TIMEOUT = 120
+    app.config.RESPONSE_TIMEOUT = max(600, int(cfg.job_timeout_s) + 60)
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.ctx.service = service
+
+    @app.on_request
+    async def authenticate(request: Request):
+        if cfg.api_key and request.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {cfg.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return json(error_body("missing or invalid API key", "invalid_request_error",
+                                       None, "invalid_api_key"), status=401)
+
+    @app.exception(Exception)
+    async def on_error(request: Request, exc: Exception):
+        if isinstance(exc, APIError):
+            return error_response(exc)
+        if isinstance(exc, SanicException):
+            status = exc.status_code or 500
+            type_ = "invalid_request_error" if status < 500 else "server_error"
+            return json(error_body(str(exc) or "error", type_, None, None), status=status)
+        return error_response(exc)
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        fields, image = _fields_and_image(request)
+        job = service.create_job(fields, image)
+        if "respond-async" in request.headers.get("prefer", "").lower():
+            return json(job.public(), status=202, headers={"openai-poll-after-ms": POLL_AFTER_MS,
+                                                           "Preference-Applied": "respond-async"})
+        try:
+            job = await service.wait(job.id)
+        except asyncio.CancelledError:
+            service.cancel_abandoned(job.id)
+            raise
+        return json(service.sync_body(job))
+
+    @app.get("/v1/videos")
+    async def list_videos(request: Request):
+        after, limit, order = validate_listing(request.args.get("after"), request.args.get("limit"),
+                                               request.args.get("order"))
+        jobs, has_more = service.store.list(after, limit, order)
+        data = [j.public() for j in jobs]
+        return json({"object": "list", "data": data, "has_more": has_more,
+                     "first_id": data[0]["id"] if data else None,
+                     "last_id": data[-1]["id"] if data else None})
+
+    @app.get("/v1/videos/<video_id:str>")
+    async def get_video(request: Request, video_id: str):
+        return json(service.get_job(video_id).public(),
+                    headers={"openai-poll-after-ms": POLL_AFTER_MS})
+
+    @app.get("/v1/videos/<video_id:str>/content")
+    async def video_content(request: Request, video_id: str):
+        variant = request.args.get("variant", "video")
+        if variant != "video":
+            raise InvalidRequest(f"variant {variant!r} is not available; only 'video'",
+                                 param="variant", code="invalid_value")
+        job = service.get_job(video_id)
+        path = service.store.video_path(job)
+        if job.status != "completed" or path is None or not path.exists():
+            raise APIError(f"video {video_id} is {job.status}, no content to download",
+                           param="video_id", code="video_not_ready", status=404)
+        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        headers = {"Accept-Ranges": "bytes"}
+        span = _byte_range(request.headers.get("range"), len(data))
+        if span is None:
+            return raw(data, content_type="video/mp4", headers=headers)
+        start, end = span
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return raw(data[start:end + 1], status=206, content_type="video/mp4", headers=headers)
+
+    @app.delete("/v1/videos/<video_id:str>")
+    async def delete_video(request: Request, video_id: str):
+        return json(service.cancel_or_delete(video_id))
+
+    @app.get("/health")
+    async def health(request: Request):
+        engine = service.engine
+        state = engine.state if engine else "starting"
+        info = getattr(engine, "info", None) or {}
+        body = {"status": "ok" if state == "ready" else state, "engine": state,
+                "model": cfg.served_model_name, "queue_depth": engine.queue_depth if engine else 0,
+                "current_job": engine.current_job if engine else None, **info}
+        if engine and engine.error:
+            body["error"] = engine.error
+        return json(body, status=200 if state == "ready" else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        info = getattr(service.engine, "info", None) or {}
+        return json({"object": "list", "data": [{
+            "id": cfg.served_model_name, "object": "model", "created": int(app.ctx.started),
+            "owned_by": "wanserve", "root": cfg.model, **info}]})
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return HTTPResponse(service.metrics.render(),
+                            content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request):
+        return json(openapi_spec(cfg))
+
+    app.ctx.started = time.time()
+    return app

@@ -1,0 +1,28 @@
+"""Prometheus metrics, on a registry of the app's own (no import-time globals)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue = Gauge("wanserve_queue_depth", "jobs waiting for the engine", registry=r)
+        self.queue.set_function(queue_depth)
+        self.jobs = Counter("wanserve_jobs", "jobs by status reached", ["status"], registry=r)
+        self.rejected = Counter("wanserve_rejected", "requests refused because the queue was full",
+                                registry=r)
+        self.step_seconds = Histogram("wanserve_step_seconds", "seconds per denoising step",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.job_seconds = Histogram("wanserve_job_seconds",
+                                     "seconds from start of generation to a stored MP4",
+                                     buckets=JOB_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

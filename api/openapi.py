@@ -1,0 +1,79 @@
+"""The served OpenAPI 3.1 document, built from the protocol models."""
+from __future__ import annotations
+
+from api.protocol import VideoCreateParams, VideoJob
+from engine.config import ServerConfig
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(c): {"description": "error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}} for c in codes}
+
+
+def _json(ref: str, description: str = "ok") -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def openapi_spec(cfg: ServerConfig) -> dict:
+    create = VideoCreateParams.model_json_schema()
+    multipart = {**create, "properties": {**create["properties"],
+                                          "input_reference": {"type": "string", "format": "binary"}}}
+    video_id = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    sync = {"allOf": [{"$ref": "#/components/schemas/Video"}, {"type": "object", "properties": {
+        "created": {"type": "integer"},
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "b64_json": {"type": "string"}}}}}}]}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "wanserve", "version": "0.1.0",
+                 "description": f"Image-to-video with {cfg.served_model_name}"},
+        "components": {"schemas": {"Error": _ERROR, "Video": VideoJob.model_json_schema(),
+                                   "VideoSync": sync}},
+        "paths": {
+            "/v1/videos": {
+                "post": {
+                    "summary": "Create a video; waits unless `Prefer: respond-async`",
+                    "parameters": [{"name": "Prefer", "in": "header", "required": False,
+                                    "schema": {"type": "string"}}],
+                    "requestBody": {"required": True, "content": {
+                        "multipart/form-data": {"schema": multipart},
+                        "application/json": {"schema": create}}},
+                    "responses": {"200": _json("VideoSync"), "202": _json("Video", "queued"),
+                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503)},
+                },
+                "get": {
+                    "summary": "List videos",
+                    "parameters": [
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}}],
+                    "responses": {"200": {"description": "a page of videos"}, **_errors(400, 401)},
+                },
+            },
+            "/v1/videos/{video_id}": {
+                "get": {"parameters": [video_id], "responses": {"200": _json("Video"),
+                                                                 **_errors(401, 404)}},
+                "delete": {"parameters": [video_id],
+                           "responses": {"200": {"description": "deleted"}, **_errors(401, 404)}},
+            },
+            "/v1/videos/{video_id}/content": {
+                "get": {"parameters": [video_id, {"name": "variant", "in": "query",
+                                                  "schema": {"enum": ["video"]}}],
+                        "responses": {"200": {"description": "the MP4",
+                                              "content": {"video/mp4": {}}},
+                                      "206": {"description": "a byte range of the MP4"},
+                                      **_errors(400, 401, 404, 416)}},
+            },
+            "/v1/models": {"get": {"responses": {"200": {"description": "served models"}}}},
+            "/health": {"get": {"responses": {"200": {"description": "ready"},
+                                              "503": {"description": "not ready"}}}},
+            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus metrics"}}}},
+        },
+    }

@@ -1,0 +1,57 @@
+"""Rank 0's server: the job store, the engine thread and Sanic, started and stopped together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from api.app import create_app
+from api.jobs import JobStore
+from api.metrics import Metrics
+from api.serving import VideoService
+from engine.config import ServerConfig
+from engine.distributed import DistContext
+from engine.engine import Engine
+
+log = logging.getLogger("wanserve.api")
+
+EXPIRY_INTERVAL_S = 60
+
+
+def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
+    """Blocks until the server stops; returns the process exit code (non-zero when the
+    engine broke, so torchrun or the operator can restart it)."""
+    store = JobStore(cfg.data_dir, ttl_s=cfg.video_ttl_s)
+    service = VideoService(cfg, store, Metrics(lambda: engine.queue_depth))
+    engine = Engine(ctx, load_pipeline, service, cfg.max_queue, cfg.job_timeout_s)
+    service.engine = engine
+    app = create_app(cfg, service)
+
+    @app.before_server_start
+    async def start_engine(app):
+        loop = asyncio.get_running_loop()
+        service.loop = loop
+        service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(app.stop)
+        engine.start()
+        app.add_task(expire_videos(), name="expire-videos")
+
+    async def expire_videos():
+        while True:
+            removed = await asyncio.get_running_loop().run_in_executor(None, store.expire)
+            if removed:
+                log.info("expired %d videos", removed)
+            await asyncio.sleep(EXPIRY_INTERVAL_S)
+
+    @app.after_server_stop
+    async def stop_engine(app):
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        service.close()
+        store.close()
+
+    log.info("serving %s on http://%s:%d (layout %s, %d rank(s))", cfg.served_model_name,
+             cfg.host, cfg.port, cfg.layout.describe(), ctx.world_size)
+    app.run(host=cfg.host, port=cfg.port, single_process=True, access_log=False, motd=False)
+    if engine.state == "failed":
+        log.error("exiting with an error: %s", engine.error)
+        return 1
+    return 0

@@ -1,0 +1,197 @@
+"""The video service: jobs in, engine events out. No HTTP here (routes live in api/app.py).
+
+Engine events arrive on the engine thread; MP4 encoding runs on this service's own executor,
+so the engine thread is free for the next job while the previous one is being encoded.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from api.errors import (APIError, EngineUnavailable, GenerationFailed, InvalidRequest, NotFound,
+                        RateLimited)
+from api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
+from api.metrics import Metrics
+from api.params import parse_params, resolve_request
+from api.video import encode_mp4
+from engine.config import ServerConfig
+from engine.engine import Engine, QueueFull
+from engine.request import GenerationResult
+
+log = logging.getLogger("wanserve.api")
+
+
+class VideoService:
+    def __init__(self, cfg: ServerConfig, store: JobStore, metrics: Metrics):
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_fatal_hook = None
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="wanserve-mp4")
+        self._started: dict[str, float] = {}
+        self._last_step: dict[str, float] = {}
+
+    # --- requests (event loop) ------------------------------------------------------------
+    def _require_engine(self) -> Engine:
+        if self.engine is None or self.engine.state != "ready":
+            state = self.engine.state if self.engine else "starting"
+            raise EngineUnavailable(f"the engine is not ready ({state})", code="engine_not_ready",
+                                    headers={"Retry-After": "5"})
+        return self.engine
+
+    def create_job(self, fields: dict, image_bytes: bytes | None) -> Job:
+        engine = self._require_engine()
+        params = parse_params(fields)
+        job_id = new_job_id()
+        request = resolve_request(job_id, params, image_bytes, self.cfg)
+        job = Job(id=job_id, status="queued", created_at=int(time.time()),
+                  model=self.cfg.served_model_name, prompt=request.prompt,
+                  seconds=f"{request.num_frames / request.fps:g}",
+                  size=f"{request.width}x{request.height}", seed=request.seed,
+                  num_frames=request.num_frames, fps=request.fps)
+        self.store.add(job)
+        self._waiters[job_id] = self.loop.create_future()
+        try:
+            engine.submit(request)
+        except QueueFull as exc:
+            self.store.delete(job_id)
+            self._waiters.pop(job_id, None)
+            self.metrics.rejected.inc()
+            raise RateLimited(str(exc), code="queue_full", headers={"Retry-After": "10"}) from None
+        self.metrics.jobs.labels("queued").inc()
+        log.info("job %s queued: %s %s frames, %d steps, seed %d", job_id, job.size,
+                 request.num_frames, request.num_inference_steps, request.seed)
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        future = self._waiters.get(job_id)
+        if future is not None:
+            await asyncio.shield(future)
+        return self.store.get(job_id)
+
+    def sync_body(self, job: Job) -> dict:
+        if job.status == "failed":
+            raise GenerationFailed(job.error_message or "generation failed", code=job.error_code)
+        if job.status == "cancelled":
+            raise APIError("the job was cancelled", code="cancelled", status=409)
+        data = self.store.video_path(job).read_bytes()
+        return {"created": job.completed_at, "data": [{"b64_json": base64.b64encode(data).decode()}],
+                **job.public()}
+
+    def get_job(self, job_id: str) -> Job:
+        job = self.store.get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise NotFound(f"no video with id {job_id!r}", param="video_id", code="video_not_found")
+        return job
+
+    def cancel_or_delete(self, job_id: str) -> dict:
+        job = self.get_job(job_id)
+        if job.status not in TERMINAL:
+            self.engine.cancel(job_id)
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="cancelled", error_message="cancelled by the client")
+            self._resolve(job_id)
+        self.store.delete(job_id)
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+    def cancel_abandoned(self, job_id: str) -> None:
+        """A synchronous caller went away: nobody will read the result."""
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            log.info("job %s: client disconnected, cancelling", job_id)
+            self.engine.cancel(job_id)
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="client_disconnected",
+                              error_message="the synchronous caller disconnected")
+            self._resolve(job_id)
+
+    # --- engine events (engine thread) ----------------------------------------------------
+    def on_started(self, job_id: str) -> None:
+        self._started[job_id] = self._last_step[job_id] = time.perf_counter()
+        self.store.update(job_id, status="in_progress")
+
+    def on_progress(self, job_id: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.metrics.step_seconds.observe(now - self._last_step.get(job_id, now))
+        self._last_step[job_id] = now
+        job = self.store.update(job_id, persist=False, progress=min(99, 100 * done // total))
+        if job is not None:
+            log.info("job %s [%-20s] step %d/%d", job_id, "#" * (20 * done // total), done, total)
+
+    def on_finished(self, job_id: str, result: GenerationResult) -> None:
+        self._encoder.submit(self._encode_and_complete, job_id, result)
+
+    def _encode_and_complete(self, job_id: str, result: GenerationResult) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.status in TERMINAL:  # cancelled meanwhile
+            return self._resolve(job_id)
+        try:
+            start = time.perf_counter()
+            data = encode_mp4(result.frames, job.fps)
+            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            timings["mp4_encode"] = round(time.perf_counter() - start, 4)
+            video_file = self.store.save_video(job_id, data)
+        except Exception as exc:
+            log.exception("job %s: could not store the video", job_id)
+            return self.on_failed(job_id, f"could not store the video: {exc}", "storage_failed")
+        now = time.time()
+        self.store.update(job_id, status="completed", progress=100, completed_at=int(now),
+                          expires_at=int(now + self.store.ttl_s), timings=timings,
+                          video_file=video_file)
+        self.metrics.jobs.labels("completed").inc()
+        self.metrics.job_seconds.observe(time.perf_counter() - self._started.pop(job_id, start))
+        log.info("job %s completed (%s)", job_id, timings)
+        self._resolve(job_id)
+
+    def on_failed(self, job_id: str, message: str, code: str) -> None:
+        self.store.update(job_id, status="failed", completed_at=int(time.time()),
+                          error_code=code, error_message=message)
+        self.metrics.jobs.labels("failed").inc()
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def on_cancelled(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="cancelled", error_message="cancelled")
+        self.metrics.jobs.labels("cancelled").inc()
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def on_fatal(self, message: str) -> None:
+        log.error("engine failure: %s", message)
+        for job_id in list(self._waiters):
+            job = self.store.get(job_id)
+            if job is not None and job.status not in TERMINAL:
+                self.on_failed(job_id, message, "engine_failure")
+        if self.on_fatal_hook is not None:
+            self.on_fatal_hook(message)
+
+    def _resolve(self, job_id: str) -> None:
+        self._last_step.pop(job_id, None)
+        future = self._waiters.pop(job_id, None)
+        if future is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
+
+
+def validate_listing(after: str | None, limit: str | None, order: str | None) -> tuple:
+    try:
+        n = int(limit) if limit is not None else 20
+    except ValueError:
+        raise InvalidRequest("`limit` must be an integer", param="limit") from None
+    if not 1 <= n <= 100:
+        raise InvalidRequest("`limit` must be between 1 and 100", param="limit")
+    order = order or "desc"
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("`order` must be 'asc' or 'desc'", param="order")
+    return after, n, order

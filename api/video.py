@@ -1,0 +1,88 @@
+"""MP4 (H.264, yuv420p, faststart) encoding and probing with PyAV."""
+from __future__ import annotations
+
+import io
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (F, H, W, 3), got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames is empty")
+    if frames.dtype == np.uint8:
+        return frames
+    if np.issubdtype(frames.dtype, np.floating):
+        return np.clip(frames * 255 + 0.5, 0, 255).astype(np.uint8)
+    raise ValueError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
+
+
+def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18) -> bytes:
+    """Encode (F, H, W, 3) frames as an H.264/yuv420p MP4 with the moov atom up front."""
+    pixels = _to_uint8(np.asarray(frames))
+    _, height, width, _ = pixels.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    rate = Fraction(fps)
+    # The mp4 muxer implements +faststart by reopening the output *by name* after writing,
+    # so an in-memory BytesIO target fails on close ("No such file or directory: '<none>'").
+    # Hence a real temporary file.
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
+        with av.open(tmp.name, mode="w", format="mp4",
+                     options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width = width
+            stream.height = height
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for index, pixel_frame in enumerate(pixels):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixel_frame),
+                                                   format="rgb24")
+                frame.pts = index
+                frame.time_base = 1 / rate
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))  # flush delayed (B-)frames
+        return Path(tmp.name).read_bytes()
+
+
+def probe_mp4(data: bytes) -> dict:
+    """Stream facts of an MP4, with the frame count found by decoding every frame."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        ctx = stream.codec_context
+        return {
+            "frames": frames,
+            "width": ctx.width,
+            "height": ctx.height,
+            "fps": float(stream.average_rate) if stream.average_rate else 0.0,
+            "codec": ctx.name,
+            "pix_fmt": ctx.format.name if ctx.format else None,
+        }
+
+
+def is_faststart(data: bytes) -> bool:
+    """True when the top-level `moov` box comes before `mdat`."""
+    offset, end = 0, len(data)
+    while offset + 8 <= end:
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        box_type = data[offset + 4:offset + 8]
+        if size == 1:  # 64-bit largesize follows the type
+            if offset + 16 > end:
+                return False
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        elif size == 0:  # box extends to the end of the file
+            size = end - offset
+        if box_type == b"moov":
+            return True
+        if box_type == b"mdat" or size < 8:
+            return False
+        offset += size
+    return False

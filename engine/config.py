@@ -1,0 +1,151 @@
+"""Server configuration: a YAML preset from configs/, overridden by command-line flags."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.layout import ParallelLayout
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    pixel_area: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    boundary_ratio: float
+    flow_shift: float
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_side: int
+    max_side: int
+    max_pixels: int
+    max_frames: int
+    max_fps: int
+    max_steps: int
+    max_prompt_chars: int
+    max_upload_bytes: int
+    max_image_pixels: int
+    require_image: bool = True
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    served_model_name: str
+    dtype: str
+    defaults: Defaults
+    limits: Limits
+    layout: ParallelLayout
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
+    max_queue: int = 16
+    job_timeout_s: float = 3600.0
+    video_ttl_s: float = 86400.0
+    api_key: str | None = None
+    collective_timeout_s: float = 300.0
+    log_level: str = "INFO"
+    config_path: Path = DEFAULT_CONFIG
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == "tiny"
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wanserve", description="Serve Wan2.2 image-to-video.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset")
+    p.add_argument("--model", help="'tiny' or a path to a diffusers-format Wan2.2-I2V checkpoint")
+    p.add_argument("--served-model-name", help="the model id clients see")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--ulysses", type=int)
+    p.add_argument("--ring", type=int)
+    p.add_argument("--cfg", type=int, help="1, or 2 for CFG parallel")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--job-timeout", type=float, dest="job_timeout_s")
+    p.add_argument("--video-ttl", type=float, dest="video_ttl_s",
+                   help="seconds a completed video stays downloadable (expires_at)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(default: $WANSERVE_API_KEY)")
+    p.add_argument("--collective-timeout", type=float, dest="collective_timeout_s",
+                   help="seconds before a stalled collective fails the job and the server")
+    p.add_argument("--log-level")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> ServerConfig:
+    args = build_parser().parse_args(argv)
+    with open(args.config) as f:
+        tree = yaml.safe_load(f) or {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        _set_dotted(tree, key, value)
+    parallel = tree.get("parallel") or {}
+    layout = ParallelLayout(
+        ulysses=args.ulysses or parallel.get("ulysses", 1),
+        ring=args.ring or parallel.get("ring", 1),
+        cfg=args.cfg or parallel.get("cfg", 1),
+    )
+    server = tree.get("server") or {}
+    model = args.model or tree.get("model")
+    if not model:
+        raise SystemExit(f"{args.config} names no model: pass --model PATH")
+
+    def pick(name, default):
+        value = getattr(args, name, None)
+        return value if value is not None else server.get(name, default)
+
+    return ServerConfig(
+        model=str(model),
+        served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
+        dtype=args.dtype or tree.get("dtype", "float32"),
+        defaults=Defaults(**tree["defaults"]),
+        limits=Limits(**tree["limits"]),
+        layout=layout,
+        host=pick("host", "127.0.0.1"),
+        port=int(pick("port", 8000)),
+        data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),
+        max_queue=int(pick("max_queue", 16)),
+        job_timeout_s=float(pick("job_timeout_s", 3600.0)),
+        video_ttl_s=float(pick("video_ttl_s", 86400.0)),
+        api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,
+        collective_timeout_s=float(pick("collective_timeout_s", 300.0)),
+        log_level=str(pick("log_level", "INFO")).upper(),
+        config_path=args.config,
+    )
+
+
+if __name__ == "__main__":
+    # `python -m engine.config ARGS...` prints the world size that ARGS' layout needs;
+    # launch.sh uses it when --nproc is not given.
+    import sys
+
+    print(load_config(sys.argv[1:]).layout.world_size)

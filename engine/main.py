@@ -1,0 +1,118 @@
+"""Entry point of every rank (started by torchrun through launch.sh).
+
+rank 0 serves HTTP and drives the engine; every other rank runs the worker loop.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.config import ServerConfig, load_config
+from engine.distributed import (DistContext, env_world, init_distributed, ready_barrier,
+                                shutdown)
+from engine.layout import LayoutError
+
+log = logging.getLogger("wanserve")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def setup_logging(level: str, rank: int) -> None:
+    logging.basicConfig(
+        level=level if rank == 0 else max(logging.getLevelName(level), logging.WARNING),
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("xfuser", "diffusers", "transformers", "sanic.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_model_path(cfg: ServerConfig) -> Path:
+    if cfg.is_tiny:
+        from engine.tiny_model import ensure_tiny_model
+
+        return ensure_tiny_model()
+    path = Path(cfg.model).expanduser()
+    if not (path / "model_index.json").exists():
+        raise SystemExit(f"--model {cfg.model}: no diffusers checkpoint there (model_index.json "
+                         "missing); wanserve never downloads weights")
+    return path
+
+
+def min_tokens(cfg: ServerConfig) -> int:
+    side = cfg.limits.min_side // 16  # VAE /8, patch /2
+    return side * side  # one latent frame at the smallest allowed size
+
+
+def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
+    """Build the pipeline the same way on every rank and register it with xfuser."""
+    from xfuser.config import xFuserArgs
+    from xfuser.core.distributed import initialize_runtime_state
+
+    from engine.pipeline import load_pipeline
+    from kernels.attention import select_backend
+
+    pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype])
+    backend = select_backend(ctx.device, cfg.layout.ring)
+    engine_config, _ = xFuserArgs(
+        model=str(model_path),
+        ulysses_degree=cfg.layout.ulysses,
+        ring_degree=cfg.layout.ring,
+        use_cfg_parallel=cfg.layout.cfg == 2,
+        attention_backend=backend.xfuser_backend,
+    ).create_config()
+    initialize_runtime_state(pipe, engine_config)
+    pipe.wanserve_info = {
+        "attention_backend": backend.name,
+        "parallel": {
+            "layout": cfg.layout.describe(),
+            "world_size": ctx.world_size,
+            "transformer": "sequence-parallel" if cfg.layout.sp > 1 else "single",
+            "cfg_branches": "parallel" if cfg.layout.cfg == 2 else "sequential",
+            "text_encoder": "replicated",
+            "vae_encode": "replicated",
+            "vae_decode": "rank 0",
+        },
+        "device": str(ctx.device),
+        "dtype": cfg.dtype,
+    }
+    if ctx.is_driver:
+        log.info("attention backend: %s; parallel parts: %s", backend.name,
+                 pipe.wanserve_info["parallel"])
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv)
+    rank, world_size, _ = env_world()
+    setup_logging(cfg.log_level, rank)
+    model_path = resolve_model_path(cfg)
+    try:
+        from engine.pipeline import num_attention_heads
+
+        cfg.layout.validate(world_size, num_attention_heads(model_path), min_tokens(cfg))
+    except LayoutError as exc:
+        if rank == 0:
+            log.error("invalid parallel layout: %s", exc)
+        return 2
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
+    try:
+        if ctx.is_driver:
+            from api.server import serve
+
+            return serve(cfg, ctx, lambda: prepare_pipeline(cfg, ctx, model_path))
+        from engine.worker import worker_loop
+
+        pipe = prepare_pipeline(cfg, ctx, model_path)
+        ready_barrier(ctx)
+        worker_loop(ctx, pipe)
+        return 0
+    finally:
+        shutdown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

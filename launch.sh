@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Start wanserve: prepare .venv if needed, then torchrun one process per rank.
+#
+#   ./launch.sh                                  # tiny model, 1 rank, http://127.0.0.1:8000
+#   ./launch.sh --nproc 4 --ulysses 2 --cfg 2    # 4 ranks: Ulysses 2 x CFG 2
+#   ./launch.sh --config configs/wan2.2-i2v-a14b-480p.yaml --model /models/Wan2.2-I2V-A14B-Diffusers
+#
+# Every flag but --nproc goes to the server (see `./launch.sh --help`).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ ! -f .venv/.installed ]; then
+  echo "wanserve: preparing the environment (first run)..." >&2
+  make install >&2
+fi
+
+nproc=""
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nproc) nproc="$2"; shift 2 ;;
+    --nproc=*) nproc="${1#*=}"; shift ;;
+    -h|--help) exec .venv/bin/python -m engine.main --help ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [ -z "$nproc" ]; then
+  nproc=$(.venv/bin/python -m engine.config "${args[@]+"${args[@]}"}")
+fi
+
+# One thread per rank unless the caller says otherwise: ranks share the machine's cores.
+if [ "$nproc" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
+export PYTHONUNBUFFERED=1
+exec .venv/bin/torchrun --standalone --nproc-per-node "$nproc" --no-python \
+  .venv/bin/python -m engine.main "${args[@]+"${args[@]}"}"

@@ -31,5 +31,16 @@ fi
 # One thread per rank unless the caller says otherwise: ranks share the machine's cores.
 if [ "$nproc" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 export PYTHONUNBUFFERED=1
-exec .venv/bin/torchrun --standalone --nproc-per-node "$nproc" --no-python \
-  .venv/bin/python -m engine.main "${args[@]+"${args[@]}"}"
+.venv/bin/torchrun --standalone --nproc-per-node "$nproc" --no-python \
+  .venv/bin/python -m engine.main "${args[@]+"${args[@]}"}" &
+launcher=$!
+
+# SIGTERM/SIGINT go to the ranks, not to torchrun: rank 0 drains and tells the others to
+# stop, every rank exits 0, and torchrun with them. torchrun escalates on its own if not.
+stop_ranks() { pkill -TERM -P "$launcher" 2>/dev/null || kill -TERM "$launcher" 2>/dev/null; }
+trap stop_ranks TERM INT
+status=0
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" && status=0 || status=$?
+done
+exit "$status"

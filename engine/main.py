@@ -5,6 +5,7 @@ rank 0 serves HTTP and drives the engine; every other rank runs the worker loop.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(cfg, ctx, lambda: prepare_pipeline(cfg, ctx, model_path))
         from engine.worker import worker_loop
 
+        # Stopping is rank 0's call: it finishes or fails the running job and broadcasts
+        # Shutdown, which ends this loop. (torchrun kills a rank that outlives that.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: log.info("rank %d: waiting for rank 0 to stop", rank))
         pipe = prepare_pipeline(cfg, ctx, model_path)
         ready_barrier(ctx)
         worker_loop(ctx, pipe)

@@ -1,0 +1,95 @@
+"""Shared fixtures: real servers started through ./launch.sh on free ports."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    data_dir: Path
+    log_path: Path
+    args: list = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 45.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # launch.sh forwards it to the ranks
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(tmp: Path, *args: str, nproc: int = 1, data_dir: Path | None = None,
+                 env: dict | None = None, wait: bool = True) -> Server:
+    port = free_port()
+    data_dir = data_dir or tmp / "data"
+    log_path = tmp / f"server-{port}.log"
+    cmd = ["./launch.sh", "--nproc", str(nproc), "--port", str(port), "--data-dir", str(data_dir),
+           *args]
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}", proc, data_dir, log_path, list(args))
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
+
+
+def png_bytes(width: int = 160, height: int = 120, seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(pixels).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One single-rank tiny server shared by the HTTP tests."""
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"server exited with {code}:\n{srv.log()[-3000:]}"

@@ -31,7 +31,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
     async def start_engine(app):
         loop = asyncio.get_running_loop()
         service.loop = loop
-        service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(app.stop)
+        service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(stop_once)
         engine.start()
         app.add_task(expire_videos(), name="expire-videos")
 
@@ -41,6 +41,18 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
             if removed:
                 log.info("expired %d videos", removed)
             await asyncio.sleep(EXPIRY_INTERVAL_S)
+
+    stopping = False
+
+    def stop_once():
+        if not stopping:
+            app.stop()
+
+    @app.before_server_stop
+    async def stop_background(app):
+        nonlocal stopping
+        stopping = True
+        await app.cancel_task("expire-videos", raise_exception=False)
 
     @app.after_server_stop
     async def stop_engine(app):

@@ -52,6 +52,7 @@ class Engine:
         self.error: str | None = None
         self.current_job: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
+        self._stopping = False
 
     # --- called from the API (any thread) ---------------------------------------------
     def start(self) -> None:
@@ -72,7 +73,10 @@ class Engine:
         with self._lock:
             self._cancelled.add(job_id)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 25.0) -> None:
+        """Stop within `timeout`: the running job is interrupted at its next step and it and
+        every queued job are failed with a reason (their clients are told, nothing hangs)."""
+        self._stopping = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -94,6 +98,10 @@ class Engine:
                 self._broadcast_shutdown("server stopping")
                 self.state = "stopped"
                 return
+            if self._stopping:
+                self._events.on_failed(item.job_id, "the server stopped before the job started",
+                                       "server_shutdown")
+                continue
             if self._take_cancel(item.job_id):
                 self._events.on_cancelled(item.job_id)
                 continue
@@ -110,11 +118,16 @@ class Engine:
             result = run_request(
                 self.ctx, pipe, request,
                 progress=lambda done, total: self._events.on_progress(job_id, done, total),
-                cancelled=lambda: job_id in self._cancelled or time.monotonic() > deadline,
+                cancelled=lambda: (self._stopping or job_id in self._cancelled
+                                   or time.monotonic() > deadline),
             )
             self._events.on_finished(job_id, result)
         except JobCancelled:
-            if self._take_cancel(job_id):
+            if self._stopping:
+                self._take_cancel(job_id)
+                self._events.on_failed(job_id, "the server stopped before the job finished",
+                                       "server_shutdown")
+            elif self._take_cancel(job_id):
                 self._events.on_cancelled(job_id)
             else:
                 self._events.on_failed(job_id, f"the job exceeded the time limit of "

@@ -1,0 +1,140 @@
+"""A 2-rank server (Ulysses 2) over real HTTP: requests, progress, cancellation, faults, stop."""
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import png_bytes, start_server
+from test_http_e2e import stream_info
+
+SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "40"}
+
+
+def rank_pids(server) -> dict[int, int]:
+    """{rank: pid} of the worker processes under launch.sh → torchrun."""
+    pids, frontier = [], [server.proc.pid]
+    while frontier:
+        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
+        children = [int(p) for p in out.stdout.split()]
+        pids += children
+        frontier += children
+    ranks = {}
+    for pid in pids:
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        values = dict(item.split(b"=", 1) for item in env if b"=" in item)
+        if b"RANK" in values and b"TORCHELASTIC_RUN_ID" in values:
+            ranks[int(values[b"RANK"])] = pid
+    return ranks
+
+
+def post(server, fields, prefer_async=False, timeout=300):
+    headers = {"Prefer": "respond-async"} if prefer_async else {}
+    files = {"input_reference": ("ref.png", png_bytes(), "image/png")}
+    return requests.post(server.url + "/v1/videos", data={"prompt": "p", "seed": "1", **fields},
+                         files=files, headers=headers, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server2(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("server2"), "--ulysses", "2",
+                       "--collective-timeout", "30", nproc=2)
+    yield srv
+    start = time.monotonic()
+    code = srv.stop()
+    assert code == 0, srv.log()[-3000:]
+    assert time.monotonic() - start < 30, "SIGTERM did not stop every rank within 30 s"
+
+
+def test_health_reports_the_parallel_layout(server2):
+    health = requests.get(server2.url + "/health", timeout=5).json()
+    assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
+    assert health["parallel"]["transformer"] == "sequence-parallel"
+
+
+def test_three_sequential_requests_of_different_sizes(server2):
+    for size, frames in (("128x128", "9"), ("144x112", "5"), ("96x160", "13")):
+        resp = post(server2, {"size": size, "num_frames": frames})
+        assert resp.status_code == 200, resp.text
+        mp4 = base64.b64decode(resp.json()["data"][0]["b64_json"])
+        width, height = map(int, size.split("x"))
+        assert stream_info(mp4)[:3] == (int(frames), width, height)
+
+
+def test_async_job_progress_increases_to_completion(server2):
+    resp = post(server2, {"num_inference_steps": "12", "size": "192x192"}, prefer_async=True)
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["status"] == "queued" and resp.headers["openai-poll-after-ms"]
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = requests.get(f"{server2.url}/v1/videos/{job['id']}", timeout=5).json()
+        if job["status"] == "in_progress" and (not seen or job["progress"] != seen[-1]):
+            seen.append(job["progress"])
+        if job["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.02)
+    assert job["status"] == "completed" and job["progress"] == 100
+    assert len(seen) >= 3 and seen == sorted(set(seen)), seen
+
+
+def test_cancel_running_job_then_next_job_succeeds(server2):
+    job = post(server2, SLOW, prefer_async=True).json()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = requests.get(f"{server2.url}/v1/videos/{job['id']}", timeout=5).json()
+        if state["status"] == "in_progress" and state["progress"] > 0:
+            break
+        time.sleep(0.05)
+    assert state["progress"] < 100
+    deleted = requests.delete(f"{server2.url}/v1/videos/{job['id']}", timeout=5).json()
+    assert deleted == {"id": job["id"], "object": "video.deleted", "deleted": True}
+    assert requests.get(f"{server2.url}/v1/videos/{job['id']}", timeout=5).status_code == 404
+    freed_by = time.monotonic() + 10
+    while requests.get(server2.url + "/health", timeout=5).json()["current_job"] is not None:
+        assert time.monotonic() < freed_by, "the engine did not stop the cancelled job"
+        time.sleep(0.05)
+    resp = post(server2, {"size": "128x128"})
+    assert resp.status_code == 200 and resp.json()["status"] == "completed"
+
+
+def test_killed_rank_fails_the_request_and_stops_the_server(tmp_path):
+    srv = start_server(tmp_path, "--ulysses", "2", "--collective-timeout", "20", nproc=2)
+    try:
+        result = {}
+        caller = threading.Thread(target=lambda: result.update(resp=_try_post(srv)))
+        caller.start()
+        deadline = time.monotonic() + 60
+        while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(rank_pids(srv)[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        caller.join(90)
+        assert not caller.is_alive(), "the client was left waiting"
+        resp = result["resp"]
+        assert resp is None or resp.status_code >= 500  # an error status or a closed connection
+        if resp is not None:
+            assert resp.json()["error"]["type"] == "server_error"
+        srv.proc.wait(90)
+        assert srv.proc.returncode != 0
+        assert time.monotonic() - killed_at < 90
+    finally:
+        srv.stop()
+
+
+def _try_post(srv):
+    try:
+        return post(srv, SLOW, timeout=120)
+    except requests.ConnectionError:
+        return None

@@ -40,6 +40,17 @@ class VideoCreateParams(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("input_reference", mode="before")
+    @classmethod
+    def _image_reference_object(cls, value: Any) -> Any:
+        # the OpenAI SDK's ImageInputReferenceParam: {"image_url": "data:..."} or {"file_id"}
+        if isinstance(value, dict):
+            if value.get("image_url"):
+                return value["image_url"]
+            raise ValueError("only `image_url` (a data: URL or base64) is supported; "
+                             "`file_id` references are not")
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:

@@ -15,7 +15,7 @@ from engine.engine import Engine
 
 log = logging.getLogger("wanserve.api")
 
-EXPIRY_INTERVAL_S = 60
+MAX_EXPIRY_INTERVAL_S = 60
 
 
 def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
@@ -40,7 +40,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
             removed = await asyncio.get_running_loop().run_in_executor(None, store.expire)
             if removed:
                 log.info("expired %d videos", removed)
-            await asyncio.sleep(EXPIRY_INTERVAL_S)
+            await asyncio.sleep(max(1.0, min(MAX_EXPIRY_INTERVAL_S, cfg.video_ttl_s / 4)))
 
     stopping = False
 

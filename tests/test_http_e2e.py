@@ -62,6 +62,16 @@ def test_json_with_data_url_and_seconds(server):
     assert (width, height) == (128, 128)  # square image at the preset's 128x128 area
 
 
+def test_json_image_reference_object(server):
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode()
+    resp = requests.post(server.url + "/v1/videos", timeout=300, json={
+        "prompt": "p", "input_reference": {"image_url": data_url}, "num_inference_steps": 2})
+    assert stream_info(video_of(resp))[1:3] == (128, 128)
+    resp = requests.post(server.url + "/v1/videos", timeout=30, json={
+        "prompt": "p", "input_reference": {"file_id": "file_123"}})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input_reference"
+
+
 def test_bare_base64_and_size_from_image_aspect(server):
     image = base64.b64encode(png_bytes(400, 200)).decode()
     resp = requests.post(server.url + "/v1/videos", json={"prompt": "p", "input_reference": image},

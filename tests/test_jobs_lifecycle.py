@@ -1,0 +1,106 @@
+"""Jobs across restarts, admission control, expiry and abandoned synchronous calls."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import requests
+
+from conftest import png_bytes, start_server
+
+SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "50"}
+QUICK = {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"}
+
+
+def submit(srv, fields, prefer_async=True, timeout=300):
+    return requests.post(srv.url + "/v1/videos", data={"prompt": "p", **fields},
+                         files={"input_reference": ("r.png", png_bytes(), "image/png")},
+                         headers={"Prefer": "respond-async"} if prefer_async else {},
+                         timeout=timeout)
+
+
+def wait_status(srv, job_id, wanted, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{srv.url}/v1/videos/{job_id}", timeout=5).json()
+        if job.get("status") in wanted:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} never reached {wanted}: {job}")
+
+
+def test_restart_keeps_completed_jobs_and_fails_interrupted_ones(tmp_path):
+    data_dir = tmp_path / "data"
+    first = start_server(tmp_path, data_dir=data_dir)
+    try:
+        done = submit(first, QUICK, prefer_async=False).json()
+        video = requests.get(f"{first.url}/v1/videos/{done['id']}/content", timeout=10).content
+        running = submit(first, SLOW).json()
+        wait_status(first, running["id"], ("in_progress",))
+    finally:
+        os.killpg(first.proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
+        first.proc.wait()
+    second = start_server(tmp_path, data_dir=data_dir)
+    try:
+        kept = requests.get(f"{second.url}/v1/videos/{done['id']}", timeout=5).json()
+        assert kept["status"] == "completed" and kept["seed"] == done["seed"]
+        again = requests.get(f"{second.url}/v1/videos/{done['id']}/content", timeout=10).content
+        assert again == video
+        lost = requests.get(f"{second.url}/v1/videos/{running['id']}", timeout=5).json()
+        assert lost["status"] == "failed" and lost["error"]["code"] == "server_restarted"
+    finally:
+        assert second.stop() == 0
+
+
+def test_full_queue_answers_429_then_recovers(tmp_path):
+    srv = start_server(tmp_path, "--max-queue", "1")
+    try:
+        running = submit(srv, SLOW).json()
+        wait_status(srv, running["id"], ("in_progress",))
+        queued = submit(srv, QUICK)
+        assert queued.status_code == 202
+        refused = submit(srv, QUICK)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["error"]["code"] == "queue_full"
+        deleted = requests.delete(f"{srv.url}/v1/videos/{running['id']}", timeout=5).json()
+        assert deleted["deleted"] is True
+        assert wait_status(srv, queued.json()["id"], ("completed",))["progress"] == 100
+        metrics = requests.get(srv.url + "/metrics", timeout=5).text
+        assert "wanserve_rejected_total 1.0" in metrics
+    finally:
+        assert srv.stop() == 0
+
+
+def test_completed_videos_expire_after_the_ttl(tmp_path):
+    srv = start_server(tmp_path, "--video-ttl", "2")
+    try:
+        job = submit(srv, QUICK, prefer_async=False).json()
+        assert job["expires_at"] - job["completed_at"] == 2
+        deadline = time.monotonic() + 15
+        while requests.get(f"{srv.url}/v1/videos/{job['id']}", timeout=5).status_code != 404:
+            assert time.monotonic() < deadline, "the video never expired"
+            time.sleep(0.25)
+        assert not list((srv.data_dir / "videos").glob("*.mp4"))
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
+    srv = start_server(tmp_path)
+    try:
+        try:
+            submit(srv, SLOW, prefer_async=False, timeout=3)
+        except requests.exceptions.ReadTimeout:
+            pass
+        listing = requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]
+        job_id = listing[0]["id"]
+        job = wait_status(srv, job_id, ("cancelled",), timeout=15)
+        assert job["error"]["code"] == "client_disconnected"
+        deadline = time.monotonic() + 10
+        while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is not None:
+            assert time.monotonic() < deadline, "the engine kept running the abandoned job"
+            time.sleep(0.05)
+        assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
+    finally:
+        assert srv.stop() == 0

@@ -65,7 +65,8 @@ def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            raise SystemExit(f"server exited with {proc.returncode}:\n"
+                             f"{log_path.read_text()[-3000:]}")
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -86,7 +87,8 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
     return proc.returncode
 
 
-def http_phase(args, flags: list[str], png: bytes, log_path: Path) -> list[dict]:
+def http_phase(args: argparse.Namespace, flags: list[str], png: bytes,
+               log_path: Path) -> list[dict]:
     port, data_dir = free_port(), tempfile.mkdtemp(prefix="wanserve-bench-")
     url = f"http://127.0.0.1:{port}"
     cmd = ["./launch.sh", "--nproc", "1", "--port", str(port), "--data-dir", data_dir,
@@ -120,7 +122,8 @@ def http_phase(args, flags: list[str], png: bytes, log_path: Path) -> list[dict]
     return runs
 
 
-def inprocess_phase(args, flags: list[str], width: int, height: int, tmp: Path) -> list[dict]:
+def inprocess_phase(args: argparse.Namespace, flags: list[str], width: int, height: int,
+                    tmp: Path) -> list[dict]:
     spec = {"prompt": PROMPT, "width": width, "height": height, "num_frames": args.frames,
             "num_inference_steps": args.steps, "seed": args.seed,
             "guidance_scale": args.guidance, "image_seed": args.image_seed}

@@ -66,6 +66,16 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         attention_backend=backend.xfuser_backend,
     ).create_config()
     initialize_runtime_state(pipe, engine_config)
+    pipe.parallel_vae = cfg.parallel_vae and ctx.world_size > 1
+    if pipe.parallel_vae:
+        # distvae shards the VAE's rows across every rank (halo exchange, exact); it replaces
+        # the encoder and decoder modules in place, so each rank does it once at start-up.
+        import torch.distributed as dist
+        from distvae.vae import parallel as distvae_parallel
+
+        distvae_parallel.parallelize_decoder(pipe.vae, dist.group.WORLD)
+        distvae_parallel.parallelize_encoder(pipe.vae, dist.group.WORLD)
+    vae_parts = f"sharded over {ctx.world_size} ranks" if pipe.parallel_vae else None
     pipe.wanserve_info = {
         "attention_backend": backend.name,
         "parallel": {
@@ -74,8 +84,8 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
             "transformer": "sequence-parallel" if cfg.layout.sp > 1 else "single",
             "cfg_branches": "parallel" if cfg.layout.cfg == 2 else "sequential",
             "text_encoder": "replicated",
-            "vae_encode": "replicated",
-            "vae_decode": "rank 0",
+            "vae_encode": vae_parts or "replicated",
+            "vae_decode": vae_parts or "rank 0",
         },
         "device": str(ctx.device),
         "dtype": cfg.dtype,

@@ -28,7 +28,10 @@ def run_request(ctx: DistContext, pipe: WanServePipeline, request: GenerationReq
             progress(done, total)
         return agree(ctx, cancelled() if ctx.is_driver else False)
 
-    return generate(pipe, request, on_step, decode=ctx.is_driver)
+    # a sharded VAE decodes on every rank together; otherwise only rank 0 needs the frames
+    result = generate(pipe, request, on_step,
+                      decode=ctx.is_driver or getattr(pipe, "parallel_vae", False))
+    return result if ctx.is_driver else None
 
 
 def worker_loop(ctx: DistContext, pipe: WanServePipeline) -> None:

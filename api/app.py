@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json as jsonlib
+import re
 import time
 
 from sanic import Request, Sanic
@@ -42,9 +43,10 @@ def _fields_and_image(request: Request) -> tuple[dict, bytes | None]:
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One `bytes=a-b` range → (start, end inclusive); None for the whole file."""
-    if not header or not header.startswith("bytes=") or "," in header:
-        return None
-    first, _, last = header[6:].strip().partition("-")
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None  # absent, several ranges, or malformed: the whole file (RFC 9110 allows it)
+    first, last = match.groups()
     if first == "":
         start, end = max(0, size - int(last)), size - 1
     else:

@@ -7,6 +7,7 @@ process died come back as `failed` with a reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -14,6 +15,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+log = logging.getLogger("wanserve.api")
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -105,6 +108,9 @@ class JobStore:
             self._write(job)
 
     def update(self, job_id: str, persist: bool = True, **changes) -> Job | None:
+        """Apply changes to a live job. If the write fails (a full disk), the job stays
+        readable from memory with its new state, and the error is logged, not raised: the
+        callers are engine callbacks that must still wake the job's waiters."""
         with self._lock:
             job = self._live.get(job_id)
             if job is None:
@@ -112,7 +118,11 @@ class JobStore:
             for key, value in changes.items():
                 setattr(job, key, value)
             if persist:
-                self._write(job)
+                try:
+                    self._write(job)
+                except sqlite3.Error as exc:
+                    log.error("job %s: could not persist status %s: %s", job_id, job.status, exc)
+                    return job
             if job.status in TERMINAL:
                 del self._live[job_id]
             return job
@@ -121,11 +131,15 @@ class JobStore:
         """Write the MP4 atomically; returns the file name stored with the job."""
         name = f"{job_id}.mp4"
         tmp = self.video_dir / f".{name}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.video_dir / name)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.video_dir / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep what little room is left
+            raise
         return name
 
     def delete(self, job_id: str) -> bool:

@@ -102,7 +102,8 @@ def _resolve_frames(p: VideoCreateParams, cfg: ServerConfig, fps: int) -> int:
         raise InvalidRequest("give either `num_frames` or `seconds`, not both", param="seconds",
                              code="conflicting_parameters")
     if p.seconds is not None:
-        frames, param = 4 * round(p.seconds * fps / 4) + 1, "seconds"
+        # the nearest 4k+1 to seconds × fps (81 frames for 5 s at 16 fps)
+        frames, param = 4 * max(0, round((p.seconds * fps - 1) / 4)) + 1, "seconds"
     elif p.num_frames is not None:
         frames, param = p.num_frames, "num_frames"
         if frames % 4 != 1:

@@ -49,7 +49,7 @@ class ServerConfig:
     defaults: Defaults
     limits: Limits
     layout: ParallelLayout
-    parallel_vae: bool = True
+    parallel_vae: str = "auto"  # "auto" (sharded on CUDA only), or true / false
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
@@ -131,7 +131,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         defaults=Defaults(**tree["defaults"]),
         limits=Limits(**tree["limits"]),
         layout=layout,
-        parallel_vae=bool(parallel.get("vae", True)),
+        parallel_vae=str(parallel.get("vae", "auto")).lower(),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),
         data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),

@@ -66,10 +66,13 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         attention_backend=backend.xfuser_backend,
     ).create_config()
     initialize_runtime_state(pipe, engine_config)
-    pipe.parallel_vae = cfg.parallel_vae and ctx.world_size > 1
+    pipe.parallel_vae = ctx.world_size > 1 and (
+        cfg.parallel_vae == "true" or (cfg.parallel_vae == "auto" and ctx.device.type == "cuda"))
     if pipe.parallel_vae:
         # distvae shards the VAE's rows across every rank (halo exchange, exact); it replaces
         # the encoder and decoder modules in place, so each rank does it once at start-up.
+        # "auto" leaves it off on CPU: over gloo its per-convolution exchanges made a 2-rank
+        # decode slower than one rank's (9.4 s against 5.7 s, BENCHMARKS.md).
         import torch.distributed as dist
         from distvae.vae import parallel as distvae_parallel
 

@@ -1,0 +1,87 @@
+"""Auth, hostile clients and machine faults: refused cleanly, nothing lost, server alive."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import openai
+import pytest
+import requests
+
+from conftest import png_bytes, start_server
+from test_jobs_lifecycle import QUICK, SLOW, submit, wait_status
+
+
+def test_api_key_guards_v1_routes_but_not_health(tmp_path):
+    srv = start_server(tmp_path, "--api-key", "s3cret")
+    try:
+        assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            resp = requests.get(srv.url + "/v1/videos", headers=headers, timeout=5)
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong").videos.list()
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        video = client.videos.create(prompt="p", extra_body=QUICK,
+                                     input_reference=("r.png", png_bytes(), "image/png"))
+        assert video.status == "completed"
+        assert requests.get(f"{srv.url}/v1/videos/../../etc/passwd", timeout=5,
+                            headers={"Authorization": "Bearer s3cret"}).status_code == 404
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_with_running_and_queued_jobs_loses_none(tmp_path):
+    data_dir = tmp_path / "data"
+    srv = start_server(tmp_path, data_dir=data_dir)
+    running = submit(srv, SLOW).json()
+    wait_status(srv, running["id"], ("in_progress",))
+    queued = [submit(srv, QUICK).json() for _ in range(2)]
+    start = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - start < 30
+    again = start_server(tmp_path, data_dir=data_dir)
+    try:
+        for job in (running, *queued):
+            state = requests.get(f"{again.url}/v1/videos/{job['id']}", timeout=5).json()
+            assert state["status"] == "failed", state
+            assert state["error"]["code"] == "server_shutdown" and state["error"]["message"]
+    finally:
+        assert again.stop() == 0
+
+
+def test_client_that_vanishes_mid_upload_does_not_hurt_the_server(server):
+    body = b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
+                      b" boundary=b\r\nContent-Length: 1000000\r\n\r\n" + body)
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert submit(server, QUICK, prefer_async=False).json()["status"] == "completed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_fails_the_job_and_the_server_lives(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)
+    try:
+        srv = start_server(tmp_path, data_dir=disk)
+        try:
+            filler = disk / "filler"
+            room = shutil.disk_usage(disk).free - 24 * 1024  # leave too little for a video
+            with open(filler, "wb") as f:
+                f.write(b"\1" * room)
+            resp = submit(srv, {"size": "256x256", "num_frames": "9"}, prefer_async=False)
+            assert resp.status_code == 500, resp.text
+            assert resp.json()["error"]["code"] == "storage_failed"
+            assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+            filler.unlink()
+            assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
+        finally:
+            assert srv.stop() == 0
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -8,7 +8,7 @@ import re
 import time
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import MethodNotAllowed, SanicException
 from sanic.response import HTTPResponse, json, raw
 
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
@@ -81,7 +81,11 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         if isinstance(exc, SanicException):
             status = exc.status_code or 500
             type_ = "invalid_request_error" if status < 500 else "server_error"
-            return json(error_body(str(exc) or "error", type_, None, None), status=status)
+            headers = {}
+            if isinstance(exc, MethodNotAllowed):
+                headers["Allow"] = ", ".join(sorted(exc.allowed_methods or ()))
+            return json(error_body(str(exc) or "error", type_, None, None), status=status,
+                        headers=headers)
         return error_response(exc)
 
     @app.post("/v1/videos")

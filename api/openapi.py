@@ -20,10 +20,36 @@ def _json(ref: str, description: str = "ok") -> dict:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
 
+REF = "#/components/schemas/{model}"
+
+
+def _create_schema(cfg: ServerConfig) -> dict:
+    """VideoCreateParams with this preset's limits, so that the spec states what is accepted.
+    (Cross-field rules, such as `size` excluding `width`/`height`, are in the descriptions.)"""
+    lim = cfg.limits
+    schema = VideoCreateParams.model_json_schema(ref_template=REF)
+    props = schema["properties"]
+    side = {"type": "integer", "multipleOf": 16, "minimum": lim.min_side, "maximum": lim.max_side}
+    props["width"] = {**side, "description": "with `height`, instead of `size`"}
+    props["height"] = {**side, "description": "with `width`, instead of `size`"}
+    props["size"] = {"type": "string", "pattern": r"^[0-9]{2,4}x[0-9]{2,4}$",
+                     "description": f"WxH, multiples of 16, at most {lim.max_pixels} pixels"}
+    props["num_frames"] = {"type": "integer", "enum": list(range(1, lim.max_frames + 1, 4)),
+                           "description": "4k+1; instead of `seconds`"}
+    props["fps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_fps}
+    props["num_inference_steps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_steps}
+    props["prompt"] = {"type": "string", "minLength": 1, "maxLength": lim.max_prompt_chars,
+                       "pattern": r"\S"}
+    if lim.require_image:
+        schema["required"] = ["prompt", "input_reference"]
+    return schema
+
+
 def openapi_spec(cfg: ServerConfig) -> dict:
-    create = VideoCreateParams.model_json_schema()
+    create = _create_schema(cfg)
     multipart = {**create, "properties": {**create["properties"],
                                           "input_reference": {"type": "string", "format": "binary"}}}
+    job = VideoJob.model_json_schema(ref_template=REF)
     video_id = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
     sync = {"allOf": [{"$ref": "#/components/schemas/Video"}, {"type": "object", "properties": {
         "created": {"type": "integer"},
@@ -33,8 +59,8 @@ def openapi_spec(cfg: ServerConfig) -> dict:
         "openapi": "3.1.0",
         "info": {"title": "wanserve", "version": "0.1.0",
                  "description": f"Image-to-video with {cfg.served_model_name}"},
-        "components": {"schemas": {"Error": _ERROR, "Video": VideoJob.model_json_schema(),
-                                   "VideoSync": sync}},
+        "components": {"schemas": {"Error": _ERROR, "Video": job, "VideoSync": sync,
+                                   **job.pop("$defs", {}), **create.pop("$defs", {})}},
         "paths": {
             "/v1/videos": {
                 "post": {

@@ -172,34 +172,32 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
     ns = sorted({r["nproc"] for r in rows})
     for i, r in enumerate(rows):
-        color = f"C{i % 10}"
-        # layouts sharing a rank count (U2, R2, C2) get their labels stacked, not overlaid
-        label = dict(textcoords="offset points", color=color,
-                     xytext=(7, 12 * sum(o["nproc"] == r["nproc"] for o in rows[:i]) - 4))
+        # layouts sharing a rank count (U2, R2, C2) are spread a little so none hides another
+        same = [o["layout"] for o in rows if o["nproc"] == r["nproc"]]
+        x = r["nproc"] + 0.12 * (same.index(r["layout"]) - (len(same) - 1) / 2)
         err = [[r["e2e_median"] - r["e2e_min"]], [r["e2e_max"] - r["e2e_median"]]]
-        ax_t.errorbar(r["nproc"], r["e2e_median"], yerr=err, fmt="o", capsize=4, color=color)
-        ax_t.annotate(r["layout"], (r["nproc"], r["e2e_median"]), **label)
+        ax_t.errorbar(x, r["e2e_median"], yerr=err, fmt="o", capsize=4, color=f"C{i % 10}",
+                      label=r["layout"])
         if r["speedup"] is not None:
-            ax_s.plot(r["nproc"], r["speedup"], "o", color=color)
-            ax_s.annotate(r["layout"], (r["nproc"], r["speedup"]), **label)
+            ax_s.plot(x, r["speedup"], "o", color=f"C{i % 10}")
     if any(r["speedup"] is not None for r in rows):
         ax_s.plot([1, max(ns)], [1, max(ns)], "k--", lw=1, label="ideal")
-        ax_s.legend(loc="upper left")
     else:
         ax_s.text(0.5, 0.5, "no 1-rank layout: no baseline", ha="center", transform=ax_s.transAxes)
+    fig.legend(title="layout", loc="center right")
     ax_t.set(xlabel="ranks (N)", ylabel="median end-to-end latency (s)",
              title="latency per request (bars: min-max)")
     ax_s.set(xlabel="ranks (N)", ylabel="speedup T(1) / T(N)", title="speedup vs ranks")
     for ax in (ax_t, ax_s):
         ax.set_xticks(ns)
-        ax.set_xlim(0.5, max(ns) + 0.7)
-        ax.set_ylim(bottom=0)
+        ax.set_xlim(0.5, max(ns) + 0.5)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the labels above the top point
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

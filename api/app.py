@@ -91,7 +91,9 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     @app.post("/v1/videos")
     async def create_video(request: Request):
         fields, image = _fields_and_image(request)
-        job = service.create_job(fields, image)
+        loop = asyncio.get_running_loop()
+        # image decoding and fitting take milliseconds to seconds: keep them off the loop
+        job = await loop.run_in_executor(None, service.create_job, fields, image)
         if "respond-async" in request.headers.get("prefer", "").lower():
             return json(job.public(), status=202, headers={"openai-poll-after-ms": POLL_AFTER_MS,
                                                            "Preference-Applied": "respond-async"})
@@ -100,7 +102,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         except asyncio.CancelledError:
             service.cancel_abandoned(job.id)
             raise
-        return json(service.sync_body(job))
+        body = await loop.run_in_executor(None, service.sync_body, job)
+        return raw(jsonlib.dumps(body).encode(), content_type="application/json")
 
     @app.get("/v1/videos")
     async def list_videos(request: Request):

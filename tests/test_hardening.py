@@ -1,6 +1,7 @@
 """Auth, hostile clients and machine faults: refused cleanly, nothing lost, server alive."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from conftest import png_bytes, start_server
+from conftest import REPO, png_bytes, start_server
 from test_jobs_lifecycle import QUICK, SLOW, submit, wait_status
 
 
@@ -85,3 +86,17 @@ def test_full_disk_fails_the_job_and_the_server_lives(tmp_path):
             assert srv.stop() == 0
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_concurrent_clients_all_end_completed_or_429(tmp_path):
+    out = tmp_path / "load.json"
+    proc = subprocess.run([str(REPO / ".venv/bin/python"), "benchmarks/load_test.py",
+                           "--clients", "16", "--requests-per-client", "2", "--max-queue", "3",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["outcomes"]) <= {"completed", "429"}
+    assert sum(result["outcomes"].values()) == 32
+    assert result["outcomes"].get("completed", 0) >= 4 and result["outcomes"].get("429", 0) >= 1
+    assert result["health_failures"] == 0 and result["server_exit_code"] == 0

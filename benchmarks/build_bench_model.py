@@ -5,17 +5,15 @@
 The tiny model's experts are so small that the VAE and the encoders dominate a request on CPU,
 so parallel speed-ups of the denoising loop are drowned out. This is the same miniature
 Wan2.2-I2V (random, seeded, diffusers format) with wider, deeper experts: 8 heads x 64
-(inner 512), ffn 2048, 4 layers. At 256x256 x 17 frames the denoising loop dominates.
+(inner 512), ffn 2048, 4 layers. At 256x256 x 17 frames and 8 steps the denoising loop is
+about 60% of a one-rank request (BENCHMARKS.md).
 Use it with configs/bench-cpu.yaml; the benchmark scripts pass its path as --model.
 """
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # engine.tiny_model imports torch: it is imported inside the functions, so the benchmark
@@ -33,30 +31,10 @@ def bench_spec() -> dict:
 
 
 def ensure_bench_model(cache_dir: Path | None = None) -> Path:
-    """The bench model's folder, built on first use (atomically, like ensure_tiny_model)."""
-    from diffusers import WanImageToVideoPipeline
+    """The bench model's folder, built on first use (the tiny model's builder, wider spec)."""
+    from engine.tiny_model import ensure_random_model
 
-    from engine.tiny_model import build_tiny_components, default_cache_dir, spec_digest
-
-    spec = bench_spec()
-    cache_dir = Path(cache_dir or default_cache_dir())
-    target = cache_dir / f"bench-wide-{spec_digest(spec)}"
-    if (target / "model_index.json").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bench-build-", dir=cache_dir))
-    try:
-        pipe = WanImageToVideoPipeline(boundary_ratio=spec["boundary_ratio"],
-                                       **build_tiny_components(spec))
-        pipe.save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return ensure_random_model(bench_spec(), "bench-wide", cache_dir)
 
 
 def bench_model_path(python: str = sys.executable) -> Path:

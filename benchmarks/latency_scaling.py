@@ -34,30 +34,13 @@ from build_bench_model import model_flags  # noqa: E402
 from parallel_efficiency import Layout, parse_layout  # noqa: E402
 from serving_overhead import free_port, input_png, stop_server, wait_ready  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import rank_pids  # noqa: E402  (the suite's server harness)
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("text_encode", "image_encode", "denoise", "step_mean", "vae_decode", "mp4_encode")
 PROMPT = "a lighthouse in a storm"
 MIB = 1 << 20
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the torchrun workers under launch.sh (RANK in their environment)."""
-    pids, frontier = [], [launcher_pid]
-    while frontier:
-        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
-        children = [int(p) for p in out.stdout.split()]
-        pids += children
-        frontier += children
-    ranks = {}
-    for pid in pids:
-        try:
-            env = dict(item.split(b"=", 1) for item in
-                       Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
-        except OSError:
-            continue
-        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
-            ranks[int(env[b"RANK"])] = pid
-    return ranks
 
 
 def vm_hwm_mib(pid: int) -> float | None:

@@ -87,7 +87,12 @@ def build_tiny_components(spec: dict = TINY_SPEC) -> dict:
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Path of the tiny model in diffusers format, building it on first use.
+    """Path of the tiny model in diffusers format, building it on first use."""
+    return ensure_random_model(TINY_SPEC, "tiny-wan22-i2v", cache_dir)
+
+
+def ensure_random_model(spec: dict, name: str, cache_dir: Path | None = None) -> Path:
+    """Build a seeded random model of `spec` once, in diffusers format, under the cache.
 
     Several ranks may race here: each builds into a private temporary folder and renames it
     into place; the loser discards its copy. The build is deterministic, so both are equal.
@@ -95,14 +100,14 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     from diffusers import WanImageToVideoPipeline
 
     cache_dir = Path(cache_dir or default_cache_dir())
-    target = cache_dir / f"tiny-wan22-i2v-{spec_digest()}"
+    target = cache_dir / f"{name}-{spec_digest(spec)}"
     if (target / "model_index.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
     try:
-        pipe = WanImageToVideoPipeline(boundary_ratio=TINY_SPEC["boundary_ratio"],
-                                       **build_tiny_components())
+        pipe = WanImageToVideoPipeline(boundary_ratio=spec["boundary_ratio"],
+                                       **build_tiny_components(spec))
         pipe.save_pretrained(staging)
         try:
             os.rename(staging, target)

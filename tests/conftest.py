@@ -78,6 +78,26 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
 
 
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers under launch.sh (RANK in their environment)."""
+    pids, frontier = [], [launcher_pid]
+    while frontier:
+        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
+        children = [int(p) for p in out.stdout.split()]
+        pids += children
+        frontier += children
+    ranks = {}
+    for pid in pids:
+        try:
+            env = dict(item.split(b"=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
 def png_bytes(width: int = 160, height: int = 120, seed: int = 0, mode: str = "RGB") -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

@@ -4,37 +4,16 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import png_bytes, start_server
+from conftest import png_bytes, rank_pids, start_server
 from test_http_e2e import stream_info
 
 SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "40"}
-
-
-def rank_pids(server) -> dict[int, int]:
-    """{rank: pid} of the worker processes under launch.sh → torchrun."""
-    pids, frontier = [], [server.proc.pid]
-    while frontier:
-        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
-        children = [int(p) for p in out.stdout.split()]
-        pids += children
-        frontier += children
-    ranks = {}
-    for pid in pids:
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        values = dict(item.split(b"=", 1) for item in env if b"=" in item)
-        if b"RANK" in values and b"TORCHELASTIC_RUN_ID" in values:
-            ranks[int(values[b"RANK"])] = pid
-    return ranks
 
 
 def post(server, fields, prefer_async=False, timeout=300):
@@ -118,7 +97,7 @@ def test_killed_rank_fails_the_request_and_stops_the_server(tmp_path):
         while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        os.kill(rank_pids(srv)[1], signal.SIGKILL)
+        os.kill(rank_pids(srv.proc.pid)[1], signal.SIGKILL)
         killed_at = time.monotonic()
         caller.join(90)
         assert not caller.is_alive(), "the client was left waiting"

@@ -104,3 +104,14 @@ def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
         assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
     finally:
         assert srv.stop() == 0
+
+
+def test_a_job_over_the_time_limit_fails_and_frees_the_engine(tmp_path):
+    srv = start_server(tmp_path, "--job-timeout", "1")
+    try:
+        job = submit(srv, SLOW).json()
+        failed = wait_status(srv, job["id"], ("failed",), timeout=30)
+        assert failed["error"]["code"] == "job_timeout" and "time limit" in failed["error"]["message"]
+        assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
+    finally:
+        assert srv.stop() == 0

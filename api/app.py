@@ -154,6 +154,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
                 "current_job": engine.current_job if engine else None, **info}
         if engine and engine.error:
             body["error"] = engine.error
+        if engine and engine.offload:
+            body["expert_swaps"] = engine.offload.swaps
         return json(body, status=200 if state == "ready" else 503)
 
     @app.get("/v1/models")

@@ -50,6 +50,7 @@ class ServerConfig:
     limits: Limits
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded on CUDA only), or true / false
+    offload_inactive_expert: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses", type=int)
     p.add_argument("--ring", type=int)
     p.add_argument("--cfg", type=int, help="1, or 2 for CFG parallel")
+    p.add_argument("--offload-inactive-expert", action="store_true",
+                   help="keep the expert not in use in CPU memory (one 14B expert on the GPU)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--job-timeout", type=float, dest="job_timeout_s")
@@ -132,6 +135,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
+        offload_inactive_expert=bool(args.offload_inactive_expert
+                                     or (tree.get("memory") or {}).get("offload_inactive_expert")),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),
         data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),

@@ -52,6 +52,7 @@ class Engine:
         self.error: str | None = None
         self.current_job: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
+        self.offload = None  # engine.offload.ExpertOffload when the inactive expert is offloaded
         self._stopping = False
 
     # --- called from the API (any thread) ---------------------------------------------
@@ -90,6 +91,7 @@ class Engine:
             self._fail(f"engine failed to start: {exc}")
             return
         self.info = getattr(pipe, "wanserve_info", {})
+        self.offload = getattr(pipe, "expert_offload", None)
         self.state = "ready"
         log.info("engine ready")
         while True:

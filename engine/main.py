@@ -56,7 +56,13 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     from engine.pipeline import load_pipeline
     from kernels.attention import select_backend
 
-    pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype])
+    offload = cfg.offload_inactive_expert
+    pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype],
+                         keep_on_cpu=("transformer_2",) if offload else ())
+    if offload:
+        from engine.offload import ExpertOffload
+
+        pipe.expert_offload = ExpertOffload(pipe, ctx.device)
     backend = select_backend(ctx.device, cfg.layout.ring)
     engine_config, _ = xFuserArgs(
         model=str(model_path),
@@ -92,6 +98,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         },
         "device": str(ctx.device),
         "dtype": cfg.dtype,
+        "experts": "one resident, the other in CPU memory" if offload else "both resident",
     }
     if ctx.is_driver:
         log.info("attention backend: %s; parallel parts: %s", backend.name,

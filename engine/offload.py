@@ -1,0 +1,47 @@
+"""Keep one Wan2.2 expert on the accelerator and the other in CPU memory.
+
+Wan2.2-I2V-A14B runs its high-noise expert (`transformer`) for the steps above the boundary
+and its low-noise expert (`transformer_2`) after it: never both at once. Two 14B experts in
+bf16 are ~57 GB; with this on, one is resident (~28.6 GB) and the switch costs one move of each
+expert per request (and one back at the start of the next), so 480p fits one 80 GB card.
+
+The move happens in a forward pre-hook on each expert, so whichever expert the pipeline calls
+is made resident first, whatever the boundary or step count.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("wanserve.engine")
+
+EXPERTS = ("transformer", "transformer_2")
+
+
+class ExpertOffload:
+    def __init__(self, pipe, compute_device: torch.device, store_device: str = "cpu"):
+        self.compute_device = compute_device
+        self.store_device = torch.device(store_device)
+        self.experts = {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None)}
+        self.resident: str | None = None
+        self.swaps = 0
+        for name, module in self.experts.items():
+            module.register_forward_pre_hook(lambda _m, _a, name=name: self.make_resident(name))
+        self.make_resident("transformer")
+
+    def make_resident(self, name: str) -> None:
+        if self.resident == name:
+            return
+        start = time.perf_counter()
+        for other, module in self.experts.items():
+            if other != name:
+                module.to(self.store_device)
+        self.experts[name].to(self.compute_device)
+        if self.compute_device.type == "cuda":
+            torch.cuda.synchronize(self.compute_device)
+        if self.resident is not None:
+            self.swaps += 1
+            log.info("expert swap: %s resident (%.2fs)", name, time.perf_counter() - start)
+        self.resident = name

@@ -1,8 +1,9 @@
 """One request on one rank: the same function runs on every rank of the job.
 
 Steps: per-request pipeline view → encode + denoise (xfuser's pipeline, latents out) →
-VAE decode on rank 0 → float frames. Every rank calls `on_step` after every denoising step;
-it reports progress and returns whether the ranks agreed to cancel.
+VAE decode (rank 0, or every rank when the VAE is sharded) → float frames. Every rank calls
+`on_step` after every denoising step; it reports progress and returns whether the ranks agreed
+to cancel.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ to cancel.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -57,7 +58,8 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = time.perf_counter()
-    frames = decode_latents(view, latents)
+    with view.solo.all_local_cores() if view.solo is not None else contextlib.nullcontext():
+        frames = decode_latents(view, latents)
     timings["vae_decode"] = time.perf_counter() - decode_start
     timings["generate_total"] = time.perf_counter() - start
     return GenerationResult(frames=frames, timings=timings)

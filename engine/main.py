@@ -78,13 +78,22 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         # distvae shards the VAE's rows across every rank (halo exchange, exact); it replaces
         # the encoder and decoder modules in place, so each rank does it once at start-up.
         # "auto" leaves it off on CPU: over gloo its per-convolution exchanges made a 2-rank
-        # decode slower than one rank's (9.4 s against 5.7 s, BENCHMARKS.md).
+        # decode slower than one rank's (9.64 s against 5.86 s, BENCHMARKS.md).
         import torch.distributed as dist
         from distvae.vae import parallel as distvae_parallel
 
         distvae_parallel.parallelize_decoder(pipe.vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(pipe.vae, dist.group.WORLD)
-    vae_parts = f"sharded over {ctx.world_size} ranks" if pipe.parallel_vae else None
+    elif ctx.world_size > 1 and ctx.device.type == "cpu":
+        from engine.solo import SoloStages
+
+        pipe.solo = SoloStages(ctx)
+    if pipe.parallel_vae:
+        vae_parts = vae_encode = f"sharded over {ctx.world_size} ranks"
+    elif pipe.solo is not None:
+        vae_parts = vae_encode = f"rank 0 with the cores of all {ctx.world_size} local ranks"
+    else:
+        vae_parts, vae_encode = "rank 0", "replicated"
     pipe.wanserve_info = {
         "attention_backend": backend.name,
         "parallel": {
@@ -93,8 +102,8 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
             "transformer": "sequence-parallel" if cfg.layout.sp > 1 else "single",
             "cfg_branches": "parallel" if cfg.layout.cfg == 2 else "sequential",
             "text_encoder": "replicated",
-            "vae_encode": vae_parts or "replicated",
-            "vae_decode": vae_parts or "rank 0",
+            "vae_encode": vae_encode,
+            "vae_decode": vae_parts,
         },
         "device": str(ctx.device),
         "dtype": cfg.dtype,

@@ -14,7 +14,6 @@ process while the requests ran. Layouts run one after the other. Writes JSON and
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -22,20 +21,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 
-import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_bench_model import model_flags  # noqa: E402
 from parallel_efficiency import Layout, parse_layout  # noqa: E402
-from serving_overhead import free_port, input_png, stop_server, wait_ready  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import rank_pids  # noqa: E402  (the suite's server harness)
+from serving_overhead import bench_server, input_png, timed_posts  # noqa: E402
+from conftest import rank_pids  # noqa: E402  (on the path through serving_overhead)
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("text_encode", "image_encode", "denoise", "step_mean", "vae_decode", "mp4_encode")
@@ -87,45 +81,20 @@ def cuda_in_driver() -> bool:
 
 def run_layout(layout: Layout, args: argparse.Namespace, flags: list[str], png: bytes,
                gpu: bool, log_dir: Path) -> dict:
-    port, data_dir = free_port(), tempfile.mkdtemp(prefix="wanserve-bench-")
-    url, log_path = f"http://127.0.0.1:{port}", log_dir / f"latency_scaling.{layout.name}.log"
-    cmd = ["./launch.sh", "--nproc", str(layout.nproc), *layout.flags(), "--port", str(port),
-           "--data-dir", data_dir, "--config", str(args.config), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.omp_threads)}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
     form = {"prompt": PROMPT, "size": args.size, "num_frames": str(args.frames),
             "num_inference_steps": str(args.steps), "seed": str(args.seed)}
-    runs: list[dict] = []
     poller = GpuMemoryPoller() if gpu else None
-    try:
-        wait_ready(url, proc, log_path)
-        ranks = rank_pids(proc.pid)
-        with requests.Session() as session, (poller or contextlib.nullcontext()):
-            for i in range(args.warmup + args.repeats):
-                start = time.perf_counter()
-                resp = session.post(url + "/v1/videos", data=form, timeout=3600,
-                                    files={"input_reference": ("input.png", png, "image/png")})
-                e2e = time.perf_counter() - start
-                body = resp.json()
-                if resp.status_code != 200:
-                    raise SystemExit(f"{layout.name}: POST /v1/videos: {resp.status_code} {body}")
-                mp4_bytes = len(base64.b64decode(body["data"][0]["b64_json"]))
-                warm = i < args.warmup
-                print(f"  {layout.name} run {i}: {e2e:.3f}s{' (warm-up)' if warm else ''}",
-                      flush=True)
-                if not warm:
-                    runs.append({"e2e": e2e, "mp4_bytes": mp4_bytes, **body["timings"]})
+    log_path = log_dir / f"latency_scaling.{layout.name}.log"
+    with bench_server(log_path, *layout.flags(), "--config", str(args.config), *flags,
+                      nproc=layout.nproc, env={"OMP_NUM_THREADS": str(args.omp_threads)}) as server:
+        ranks = rank_pids(server.proc.pid)
+        with poller or contextlib.nullcontext():
+            runs = timed_posts(server.url, form, png, args.warmup, args.repeats, layout.name)
         memory = {str(rank): {"pid": pid, "vm_hwm_mib": vm_hwm_mib(pid)}
                   for rank, pid in sorted(ranks.items())}
-        if poller is not None:
-            for entry in memory.values():
-                entry["gpu_peak_mib"] = poller.peak.get(entry["pid"])
-    finally:
-        code = stop_server(proc)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        print(f"  {layout.name}: server stopped (exit {code}); log: {log_path}", flush=True)
+    if poller is not None:
+        for entry in memory.values():
+            entry["gpu_peak_mib"] = poller.peak.get(entry["pid"])
     e2e = [r["e2e"] for r in runs]
     return {"layout": layout.name, "nproc": layout.nproc, "ulysses": layout.ulysses,
             "ring": layout.ring, "cfg": layout.cfg, "e2e_median": statistics.median(e2e),

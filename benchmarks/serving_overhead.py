@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,9 @@ import PIL.Image
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from build_bench_model import model_flags  # noqa: E402
+from conftest import start_server, wait_ready  # noqa: E402  (the suite's server harness)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
@@ -55,71 +55,49 @@ def input_png(width: int, height: int, image_seed: int) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def timed_posts(url: str, form: dict, png: bytes, warmup: int, repeats: int,
+                label: str) -> list[dict]:
+    """POST the same synchronous request warmup + repeats times; the measured runs' end-to-end
+    time, MP4 size and the server's own stage timings."""
+    runs = []
+    with requests.Session() as session:
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            response = session.post(url + "/v1/videos", data=form, timeout=3600,
+                                    files={"input_reference": ("input.png", png, "image/png")})
+            e2e = time.perf_counter() - start
+            body = response.json()
+            if response.status_code != 200:
+                raise SystemExit(f"{label}: POST /v1/videos: {response.status_code} {body}")
+            print(f"  {label} run {i}: {e2e:.3f}s{' (warm-up)' if i < warmup else ''}", flush=True)
+            if i >= warmup:
+                mp4_bytes = len(base64.b64decode(body["data"][0]["b64_json"]))
+                runs.append({"e2e": e2e, "mp4_bytes": mp4_bytes, **body["timings"]})
+    return runs
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n"
-                             f"{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # launch.sh forwards it to the ranks
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+@contextlib.contextmanager
+def bench_server(log_path: Path, *args: str, nproc: int = 1, env: dict | None = None):
+    """A server through ./launch.sh (the test suite's harness), its log kept at `log_path`."""
+    tmp = Path(tempfile.mkdtemp(prefix="wanserve-bench-"))
+    server = start_server(tmp, *args, nproc=nproc, env=env, wait=False)
+    try:
+        wait_ready(server, timeout=3600)  # a real checkpoint can take minutes to load
+        yield server
+    finally:
+        code = server.stop()
+        shutil.copy(server.log_path, log_path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"  server stopped (exit {code}); log: {log_path}", flush=True)
 
 
 def http_phase(args: argparse.Namespace, flags: list[str], png: bytes,
                log_path: Path) -> list[dict]:
-    port, data_dir = free_port(), tempfile.mkdtemp(prefix="wanserve-bench-")
-    url = f"http://127.0.0.1:{port}"
-    cmd = ["./launch.sh", "--nproc", "1", "--port", str(port), "--data-dir", data_dir,
-           "--config", str(args.config), *flags]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
     form = {"prompt": PROMPT, "size": args.size, "num_frames": str(args.frames),
             "num_inference_steps": str(args.steps), "seed": str(args.seed),
             "guidance_scale": str(args.guidance)}
-    runs = []
-    try:
-        wait_ready(url, proc, log_path)
-        with requests.Session() as session:
-            for i in range(args.warmup + args.repeats):
-                start = time.perf_counter()
-                response = session.post(url + "/v1/videos", data=form, timeout=3600,
-                                        files={"input_reference": ("input.png", png, "image/png")})
-                body = response.json()
-                e2e = time.perf_counter() - start
-                if response.status_code != 200:
-                    raise SystemExit(f"POST /v1/videos: {response.status_code} {body}")
-                mp4_bytes = len(base64.b64decode(body["data"][0]["b64_json"]))
-                print(f"  http  run {i}: {e2e:.3f}s{' (warm-up)' if i < args.warmup else ''}")
-                if i >= args.warmup:
-                    runs.append({"e2e": e2e, "mp4_bytes": mp4_bytes, **body["timings"]})
-    finally:
-        code = stop_server(proc)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        print(f"  server stopped (exit {code}); log: {log_path}")
-    return runs
+    with bench_server(log_path, "--config", str(args.config), *flags) as server:
+        return timed_posts(server.url, form, png, args.warmup, args.repeats, "http")
 
 
 def inprocess_phase(args: argparse.Namespace, flags: list[str], width: int, height: int,

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,8 +17,6 @@ import torch.distributed as dist
 
 from engine import xfuser_compat
 from engine.layout import ParallelLayout
-
-log = logging.getLogger("wanserve.engine")
 
 IDLE_TIMEOUT = timedelta(days=30)
 
@@ -99,7 +96,7 @@ def ready_barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.control_group)
 
 
-def shutdown(ctx: DistContext | None) -> None:
+def shutdown() -> None:
     if dist.is_initialized():
         try:
             dist.destroy_process_group()

@@ -125,8 +125,7 @@ class Engine:
             )
             self._events.on_finished(job_id, result)
         except JobCancelled:
-            if self._stopping:
-                self._take_cancel(job_id)
+            if self._stopping:  # the `finally` below clears any cancel mark
                 self._events.on_failed(job_id, "the server stopped before the job finished",
                                        "server_shutdown")
             elif self._take_cancel(job_id):

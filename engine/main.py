@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_loop(ctx, pipe)
         return 0
     finally:
-        shutdown(ctx)
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                            "load_s": load_s, "runs": timings}, f, indent=1)
         return 0
     finally:
-        shutdown(ctx)
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     offload = cfg.offload_inactive_expert
     pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype],
                          keep_on_cpu=("transformer_2",) if offload else ())
+    if ctx.device.type == "cpu":
+        from kernels.cpu_kernels import use_fast_cpu_kernels
+
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                use_fast_cpu_kernels(component)
     if offload:
         from engine.offload import ExpertOffload
 

@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/parallel_efficiency.py [--layouts 1,U2,R2,C2] [--repeat 3]
 
 Per layout, one `torchrun --nproc-per-node N -m engine.offline` with OMP_NUM_THREADS=1 (one
-thread per rank) runs the same request --repeat times; the first run is a warm-up. Reports
-the median whole-request `wall` and `denoise`, and efficiency T(1) / (N * T(N)) for both.
-Layouts run one after the other. Any other flag (e.g. --set defaults.num_frames=5) goes to
-engine.offline. Goal: efficiency >= 0.90 (printed as PASS/MISS, not asserted).
+thread per rank) runs the same request --repeat times; the first run is a warm-up. That is
+done --rounds times, the layouts taking turns within each round, so a drift of the machine's
+speed touches every layout alike. Reports the median whole-request `wall`, the median of each
+stage, and efficiency T(1) / (N * T(N)) for each. Any other flag (e.g. --set
+defaults.num_frames=5) goes to engine.offline. Goal: efficiency >= 0.90 (printed as PASS/MISS,
+not asserted).
 """
 from __future__ import annotations
 
@@ -73,14 +75,16 @@ def run_layout(layout: Layout, args: argparse.Namespace, passthrough: list[str],
     return [run for run in runs if run["round"] >= 1]  # round 0 is the warm-up
 
 
+STAGES = ("wall", "image_encode", "denoise", "vae_decode")
+
+
 def summarise(layout: Layout, runs: list[dict], base: dict | None) -> dict:
-    row = {"layout": layout.name, "nproc": layout.nproc,
-           "wall_median": statistics.median(r["wall"] for r in runs),
-           "denoise_median": statistics.median(r["denoise"] for r in runs),
-           "step_mean_median": statistics.median(r["step_mean"] for r in runs),
-           "runs": runs}
-    for key, metric in (("eff_wall", "wall_median"), ("eff_denoise", "denoise_median")):
-        row[key] = base[metric] / (layout.nproc * row[metric]) if base else None
+    row = {"layout": layout.name, "nproc": layout.nproc, "runs": runs,
+           "step_mean_median": statistics.median(r["step_mean"] for r in runs)}
+    for stage in STAGES:
+        row[f"{stage}_median"] = statistics.median(r[stage] for r in runs)
+        row[f"eff_{stage}"] = (base[f"{stage}_median"] / (layout.nproc * row[f"{stage}_median"])
+                               if base else None)
     return row
 
 
@@ -91,21 +95,26 @@ def report(rows: list[dict]) -> None:
     def verdict(value: float | None) -> str:
         return "" if value is None else (" PASS" if value >= GOAL else " MISS")
 
-    print(f"\n{'layout':<8}{'N':>3}{'wall (s)':>10}{'denoise (s)':>13}{'step (s)':>10}"
-          f"{'eff wall':>14}{'eff denoise':>14}")
+    print(f"\n{'layout':<8}{'N':>3}{'request (s)':>12}{'encode (s)':>11}{'denoise (s)':>12}"
+          f"{'decode (s)':>11}{'step (s)':>9}  {'efficiency: request':>24}{'encode':>8}"
+          f"{'denoise':>8}{'decode':>8}")
     for r in rows:
-        wall, denoise = cell(r["eff_wall"], ".3f"), cell(r["eff_denoise"], ".3f")
-        if r["nproc"] > 1:
-            wall, denoise = wall + verdict(r["eff_wall"]), denoise + verdict(r["eff_denoise"])
-        print(f"{r['layout']:<8}{r['nproc']:>3}{r['wall_median']:>10.3f}"
-              f"{r['denoise_median']:>13.3f}{r['step_mean_median']:>10.3f}{wall:>14}{denoise:>14}")
-    print(f"goal: efficiency T(1)/(N*T(N)) >= {GOAL:.2f} (PASS/MISS per layout, not asserted)")
+        whole = cell(r["eff_wall"], ".3f") + (verdict(r["eff_wall"]) if r["nproc"] > 1 else "")
+        parts = "".join(f"{cell(r[f'eff_{s}'], '.3f'):>8}" for s in STAGES[1:])
+        print(f"{r['layout']:<8}{r['nproc']:>3}{r['wall_median']:>12.3f}"
+              f"{r['image_encode_median']:>11.3f}{r['denoise_median']:>12.3f}"
+              f"{r['vae_decode_median']:>11.3f}{r['step_mean_median']:>9.3f}  {whole:>24}{parts}")
+    print(f"goal: efficiency T(1)/(N*T(N)) >= {GOAL:.2f} for the whole request "
+          "(PASS/MISS per layout, not asserted); stage efficiencies say where the time goes")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layouts", default="1,U2,R2,C2")
-    p.add_argument("--repeat", type=int, default=3, help="runs per layout; the first is warm-up")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs per layout and round; the first is a warm-up")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; every layout runs once per round, in turn")
     p.add_argument("--size", default="256x256", help="WxH, multiples of 16")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "bench-cpu.yaml")
@@ -124,21 +133,23 @@ def main() -> int:
               "oversubscribed layouts cannot reach full efficiency")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{args.config.name} {flags} {passthrough}; {args.size}, seed {args.seed}, "
-          f"{args.repeat - 1} measured run(s) after 1 warm-up per layout")
-    measured: list[tuple[Layout, list[dict]]] = []
+          f"{args.rounds} round(s) of {args.repeat - 1} measured run(s) after 1 warm-up per layout")
+    measured: list[tuple[Layout, list[dict]]] = [(layout, []) for layout in layouts]
     with tempfile.TemporaryDirectory(prefix="wanserve-bench-") as tmp:
         spec = {"width": width, "height": height, "seed": args.seed}  # frames/steps: preset
         (Path(tmp) / "reqs.json").write_text(json.dumps([spec]))
-        for layout in layouts:
-            print(f"  {layout.name} ({layout.nproc} rank(s))...", flush=True)
-            measured.append((layout, run_layout(layout, args, [*flags, *passthrough], Path(tmp))))
+        for round_ in range(1, args.rounds + 1):
+            for layout, runs in measured:
+                print(f"  round {round_}: {layout.name} ({layout.nproc} rank(s))...", flush=True)
+                runs.extend(run_layout(layout, args, [*flags, *passthrough], Path(tmp)))
     one_rank = next((runs for layout, runs in measured if layout.nproc == 1), None)
     base = summarise(Layout("1"), one_rank, None) if one_rank else None
     rows = [summarise(layout, runs, base) for layout, runs in measured]
     report(rows)
     args.out.write_text(json.dumps({
         "config": str(args.config), "model_flags": flags, "passthrough": passthrough,
-        "size": args.size, "seed": args.seed, "repeat": args.repeat, "cores": cores,
+        "size": args.size, "seed": args.seed, "repeat": args.repeat, "rounds": args.rounds,
+        "cores": cores,
         "omp_num_threads": 1, "goal_efficiency_min": GOAL, "layouts": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0

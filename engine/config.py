@@ -49,7 +49,7 @@ class ServerConfig:
     defaults: Defaults
     limits: Limits
     layout: ParallelLayout
-    parallel_vae: str = "auto"  # "auto" (sharded on CUDA only), or true / false
+    parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
     offload_inactive_expert: bool = False
     host: str = "127.0.0.1"
     port: int = 8000

@@ -7,7 +7,6 @@ to cancel.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable
 
@@ -58,8 +57,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = time.perf_counter()
-    with view.solo.all_local_cores() if view.solo is not None else contextlib.nullcontext():
-        frames = decode_latents(view, latents)
+    frames = decode_latents(view, latents)
     timings["vae_decode"] = time.perf_counter() - decode_start
     timings["generate_total"] = time.perf_counter() - start
     return GenerationResult(frames=frames, timings=timings)

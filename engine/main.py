@@ -48,6 +48,18 @@ def min_tokens(cfg: ServerConfig) -> int:
     return side * side  # one latent frame at the smallest allowed size
 
 
+def shard_vae(cfg: ServerConfig, ctx: DistContext) -> bool:
+    """Whether the VAE is sharded by rows across the ranks: `parallel.vae` true, or auto and
+    the preset's smallest frame has at least one latent row per rank."""
+    if ctx.world_size == 1 or cfg.parallel_vae == "false":
+        return False
+    fits = cfg.limits.min_side // 8 >= ctx.world_size
+    if cfg.parallel_vae == "auto" and not fits and ctx.is_driver:
+        log.info("VAE on rank 0 alone: %d ranks but %d latent rows at the smallest allowed "
+                 "size", ctx.world_size, cfg.limits.min_side // 8)
+    return cfg.parallel_vae == "true" or fits
+
+
 def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     """Build the pipeline the same way on every rank and register it with xfuser."""
     from xfuser.config import xFuserArgs
@@ -78,26 +90,20 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         attention_backend=backend.xfuser_backend,
     ).create_config()
     initialize_runtime_state(pipe, engine_config)
-    pipe.parallel_vae = ctx.world_size > 1 and (
-        cfg.parallel_vae == "true" or (cfg.parallel_vae == "auto" and ctx.device.type == "cuda"))
+    pipe.parallel_vae = shard_vae(cfg, ctx)
     if pipe.parallel_vae:
-        # distvae shards the VAE's rows across every rank (halo exchange, exact); it replaces
-        # the encoder and decoder modules in place, so each rank does it once at start-up.
-        # "auto" leaves it off on CPU: over gloo its per-convolution exchanges made a 2-rank
-        # decode slower than one rank's (9.64 s against 5.86 s, BENCHMARKS.md).
+        # distvae shards the VAE's rows across every rank (halo exchange per convolution,
+        # exact); it replaces the encoder and decoder modules in place, once at start-up.
         import torch.distributed as dist
         from distvae.vae import parallel as distvae_parallel
 
+        if ctx.device.type == "cpu":
+            from kernels.cpu_kernels import use_onednn_in_distvae
+
+            use_onednn_in_distvae()
         distvae_parallel.parallelize_decoder(pipe.vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(pipe.vae, dist.group.WORLD)
-    elif ctx.world_size > 1 and ctx.device.type == "cpu":
-        from engine.solo import SoloStages
-
-        pipe.solo = SoloStages(ctx)
-    if pipe.parallel_vae:
         vae_parts = vae_encode = f"sharded over {ctx.world_size} ranks"
-    elif pipe.solo is not None:
-        vae_parts = vae_encode = f"rank 0 with the cores of all {ctx.world_size} local ranks"
     else:
         vae_parts, vae_encode = "rank 0", "replicated"
     pipe.wanserve_info = {

@@ -24,7 +24,6 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
     """xfuser's I2V pipeline, recording how long text and image encoding take."""
 
     stage_times: dict
-    solo = None  # engine.solo.SoloStages on a multi-rank CPU job: encode once, on rank 0
 
     def encode_prompt(self, *args, **kwargs):
         start = time.perf_counter()
@@ -35,11 +34,7 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
     def prepare_latents(self, *args, **kwargs):
         """Noise latents and the VAE-encoded condition video."""
         start = time.perf_counter()
-
-        def encode():
-            return super(WanServePipeline, self).prepare_latents(*args, **kwargs)
-
-        out = self.solo.once(encode) if self.solo is not None else encode()
+        out = super().prepare_latents(*args, **kwargs)
         self.stage_times["image_encode"] = time.perf_counter() - start
         return out
 
@@ -52,7 +47,6 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
                                 expand_timesteps=self.config.expand_timesteps)
         view.set_progress_bar_config(disable=True)
         view.stage_times = {}
-        view.solo = self.solo
         return view
 
 

@@ -84,3 +84,30 @@ def use_fast_cpu_kernels(module: nn.Module) -> int:
             continue
         count += 1
     return count
+
+
+def use_onednn_in_distvae() -> None:
+    """Point distvae's sharded 3-D convolutions at oneDNN too (written for distvae 0.1.0).
+
+    distvae's PatchConv3d calls `F.conv3d` from its own module, on each rank's band of rows:
+    bands are smaller than the whole frame, so even more of them fall to slow_conv3d. That
+    module's `F` becomes a copy of torch.nn.functional whose conv3d is oneDNN's. Idempotent.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return
+    import distvae.models.layers.conv3d as distvae_conv3d
+
+    if getattr(distvae_conv3d.F, "wanserve_onednn", False):
+        return
+
+    def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if input.device.type != "cpu" or input.dtype != torch.float32 or isinstance(padding, str):
+            return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+        return torch.mkldnn_convolution(input.contiguous(), weight, bias, _triple(padding),
+                                        _triple(stride), _triple(dilation), groups)
+
+    functional = types.SimpleNamespace(**{name: getattr(F, name) for name in dir(F)
+                                          if not name.startswith("__")})
+    functional.conv3d = conv3d
+    functional.wanserve_onednn = True
+    distvae_conv3d.F = functional

@@ -38,6 +38,8 @@ def test_health_reports_the_parallel_layout(server2):
     health = requests.get(server2.url + "/health", timeout=5).json()
     assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
     assert health["parallel"]["transformer"] == "sequence-parallel"
+    assert health["parallel"]["vae_encode"] == health["parallel"]["vae_decode"] \
+        == "sharded over 2 ranks"
 
 
 def test_three_sequential_requests_of_different_sizes(server2):

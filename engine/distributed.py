@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +42,23 @@ def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun sets them."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def die_with_launcher() -> None:
+    """Under torchrun on Linux: this rank is killed when torchrun dies, whatever killed it.
+
+    torchrun starts the ranks in sessions of their own, so a SIGKILL to the launcher's process
+    group leaves them running, still holding the HTTP port a restart needs. The jobs they had
+    running are then failed as `server_restarted` by the next start's recovery.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
 
 
 def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> DistContext:

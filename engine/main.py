@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ServerConfig, load_config
-from engine.distributed import (DistContext, env_world, init_distributed, ready_barrier,
-                                shutdown)
+from engine.distributed import (DistContext, die_with_launcher, env_world, init_distributed,
+                                ready_barrier, shutdown)
 from engine.layout import LayoutError
 
 log = logging.getLogger("wanserve")
@@ -128,6 +128,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     cfg = load_config(argv)
     rank, world_size, _ = env_world()
     setup_logging(cfg.log_level, rank)

@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from conftest import png_bytes, start_server
+from conftest import png_bytes, rank_pids, start_server
 
 SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "50"}
 QUICK = {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"}
@@ -38,9 +38,16 @@ def test_restart_keeps_completed_jobs_and_fails_interrupted_ones(tmp_path):
         video = requests.get(f"{first.url}/v1/videos/{done['id']}/content", timeout=10).content
         running = submit(first, SLOW).json()
         wait_status(first, running["id"], ("in_progress",))
+        ranks = rank_pids(first.proc.pid)
+        assert ranks
     finally:
         os.killpg(first.proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
         first.proc.wait()
+    # the ranks run in sessions of their own: they must still die with the launcher
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{pid}") for pid in ranks.values()):
+        assert time.monotonic() < deadline, f"ranks outlived the killed launcher: {ranks}"
+        time.sleep(0.2)
     second = start_server(tmp_path, data_dir=data_dir)
     try:
         kept = requests.get(f"{second.url}/v1/videos/{done['id']}", timeout=5).json()

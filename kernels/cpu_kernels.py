@@ -27,16 +27,22 @@ def _triple(value) -> tuple[int, int, int]:
     return (value,) * 3 if isinstance(value, int) else tuple(value)
 
 
-def onednn_conv3d(conv: nn.Conv3d, x: torch.Tensor, padding=None) -> torch.Tensor:
-    return torch.mkldnn_convolution(
-        x.contiguous(), conv.weight, conv.bias, _triple(conv.padding if padding is None else padding),
-        _triple(conv.stride), _triple(conv.dilation), conv.groups)
+def onednn_conv3d(x: torch.Tensor, weight, bias=None, stride=1, padding=0, dilation=1,
+                  groups=1) -> torch.Tensor:
+    """F.conv3d's arguments (zero padding given as numbers), always on oneDNN."""
+    return torch.mkldnn_convolution(x.contiguous(), weight, bias, _triple(padding),
+                                    _triple(stride), _triple(dilation), groups)
+
+
+def _conv_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
+    return onednn_conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                         conv.groups)
 
 
 def _conv3d_forward(self: nn.Conv3d, x: torch.Tensor, weight, bias) -> torch.Tensor:
     if x.device.type != "cpu" or self.padding_mode != "zeros" or weight is not self.weight:
         return nn.Conv3d._conv_forward(self, x, weight, bias)
-    return onednn_conv3d(self, x)
+    return _conv_of(self, x, self.padding)
 
 
 def _causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None):
@@ -49,7 +55,7 @@ def _causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None =
         pad_t -= cache_x.shape[2]
     if pad_t > 0:
         x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-    return onednn_conv3d(self, x, padding=(0, pad_h, pad_w))
+    return _conv_of(self, x, (0, pad_h, pad_w))
 
 
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +109,7 @@ def use_onednn_in_distvae() -> None:
     def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if input.device.type != "cpu" or input.dtype != torch.float32 or isinstance(padding, str):
             return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
-        return torch.mkldnn_convolution(input.contiguous(), weight, bias, _triple(padding),
-                                        _triple(stride), _triple(dilation), groups)
+        return onednn_conv3d(input, weight, bias, stride, padding, dilation, groups)
 
     functional = types.SimpleNamespace(**{name: getattr(F, name) for name in dir(F)
                                           if not name.startswith("__")})

@@ -71,12 +71,17 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     offload = cfg.offload_inactive_expert
     pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype],
                          keep_on_cpu=("transformer_2",) if offload else ())
+    cross_attention_kv = "recomputed each step"
     if ctx.device.type == "cpu":
+        from engine.cross_attention_cache import cache_cross_attention
         from kernels.cpu_kernels import use_fast_cpu_kernels
 
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 use_fast_cpu_kernels(component)
+        for expert in (pipe.transformer, pipe.transformer_2):
+            if expert is not None and cache_cross_attention(expert):
+                cross_attention_kv = "computed once per prompt"
     if offload:
         from engine.offload import ExpertOffload
 
@@ -120,6 +125,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         "device": str(ctx.device),
         "dtype": cfg.dtype,
         "experts": "one resident, the other in CPU memory" if offload else "both resident",
+        "cross_attention_kv": cross_attention_kv,
     }
     if ctx.is_driver:
         log.info("attention backend: %s; parallel parts: %s", backend.name,

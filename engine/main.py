@@ -108,6 +108,10 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
             use_onednn_in_distvae()
         distvae_parallel.parallelize_decoder(pipe.vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(pipe.vae, dist.group.WORLD)
+        if ctx.device.type == "cpu":
+            from kernels.cpu_sharded_conv import use_overlapped_halos
+
+            use_overlapped_halos(pipe.vae)
         vae_parts = vae_encode = f"sharded over {ctx.world_size} ranks"
     else:
         vae_parts, vae_encode = "rank 0", "replicated"

@@ -1,0 +1,105 @@
+"""The row-sharded VAE's causal convolutions on CPU, without copying each rank's band.
+
+Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`) and torch 2.13.0;
+used only on CPU, where gloo moves the halos. distvae's convolution concatenates the neighbours'
+rows onto the band (a copy of the whole activation), zero-pads it (another copy), convolves two
+rows more than it keeps and crops them off (a third copy), and waits for the halos before it
+starts. On the 2-rank decode of the benchmark model those copies were ~15 % of each rank's time.
+
+Here each rank posts its edge rows to its neighbours, convolves its band with zero padding while
+they travel, then recomputes only its first and last output row from the received halos and
+writes them in place. Interior rows are the same sums as before; each edge row is one small
+convolution over three input rows, so the video matches the one-rank decode to float rounding
+(~1e-6; tests/test_multirank_equivalence.py compares). Every rank takes the same path for the
+same convolution: the choice depends only on the layer and the dtype, never on a band's height.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.cpu_kernels import onednn_conv3d
+
+ROWS = -2  # distvae's normalised patch axis for H in a 5-D tensor
+
+
+def _post_halo_exchange(x: torch.Tensor, context) -> tuple[list, torch.Tensor | None,
+                                                             torch.Tensor | None]:
+    """Send the first row up and the last row down; receive the rows just outside the band."""
+    rank, world = context.rank, context.world_size
+    ops, top, bottom = [], None, None
+    if rank > 0:
+        top = torch.empty_like(x[..., :1, :])
+        ops.append(dist.P2POp(dist.isend, x[..., :1, :].contiguous(), context.global_rank(rank - 1),
+                              context.group))
+        ops.append(dist.P2POp(dist.irecv, top, context.global_rank(rank - 1), context.group))
+    if rank < world - 1:
+        bottom = torch.empty_like(x[..., :1, :])
+        ops.append(dist.P2POp(dist.isend, x[..., -1:, :].contiguous(),
+                              context.global_rank(rank + 1), context.group))
+        ops.append(dist.P2POp(dist.irecv, bottom, context.global_rank(rank + 1), context.group))
+    return (dist.batch_isend_irecv(ops) if ops else []), top, bottom
+
+
+def _sharded_causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None):
+    conv = self.conv3d
+    if not _eligible(conv, x):
+        return type(self).forward(self, x, cache_x)
+    pad_t = self._padding[4]
+    if cache_x is not None and pad_t > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        pad_t -= cache_x.shape[2]
+    if pad_t > 0:
+        x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+    pad_w = conv.padding[2]
+
+    def convolve(rows: torch.Tensor, pad_h: int) -> torch.Tensor:
+        return onednn_conv3d(rows, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), 1,
+                             conv.groups)
+
+    if conv.kernel_size[1] == 1:  # no neighbouring rows needed
+        return convolve(x, 0)
+    pending, top, bottom = _post_halo_exchange(x, conv.parallel_context)
+    height = x.shape[-2]
+    out = convolve(x, 1) if height > 1 else None  # border rows as if the image ended here
+    for work in pending:
+        work.wait()
+    if height == 1:
+        zero = torch.zeros_like(x[..., :1, :])
+        rows = [top if top is not None else zero, x, bottom if bottom is not None else zero]
+        return convolve(torch.cat(rows, dim=-2), 0)
+    if top is not None:
+        out[..., :1, :] = convolve(torch.cat([top, x[..., :2, :]], dim=-2), 0)
+    if bottom is not None:
+        out[..., -1:, :] = convolve(torch.cat([x[..., -2:, :], bottom], dim=-2), 0)
+    return out
+
+
+def _eligible(conv, x: torch.Tensor) -> bool:
+    """Zero-padded convolutions split by rows, with a 1- or 3-row kernel padded to keep the
+    size and no spatial stride (all of the Wan VAE's causal convolutions: some stride in time),
+    in float32 on CPU."""
+    kernel_h = conv.kernel_size[1]
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.padding_mode == "zeros"
+            and tuple(conv.stride[1:]) == (1, 1) and tuple(conv.dilation) == (1, 1, 1)
+            and conv.patch_dim == ROWS and kernel_h in (1, 3) and conv.padding[1] == kernel_h // 2
+            and conv.padding[0] == 0)
+
+
+def use_overlapped_halos(module: nn.Module) -> int:
+    """Rebind the forward of every distvae Wan causal-convolution adapter under `module`
+    (after distvae has sharded it); returns how many. A no-op without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    from distvae.modules.adapters.layers.conv_adapters import WanCausalConv3dAdapter
+
+    count = 0
+    for sub in module.modules():
+        if type(sub) is WanCausalConv3dAdapter and sub.conv3d.parallel_context.world_size > 1:
+            sub.forward = types.MethodType(_sharded_causal_conv3d_forward, sub)
+            count += 1
+    return count

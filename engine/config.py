@@ -50,6 +50,7 @@ class ServerConfig:
     limits: Limits
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
+    pin_cpu_cores: bool = True  # CPU ranks: each local rank on its own share of the cores
     offload_inactive_expert: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
@@ -135,6 +136,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
+        pin_cpu_cores=bool(parallel.get("pin_cpu_cores", True)),
         offload_inactive_expert=bool(args.offload_inactive_expert
                                      or (tree.get("memory") or {}).get("offload_inactive_expert")),
         host=pick("host", "127.0.0.1"),

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ import torch.distributed as dist
 
 from engine import xfuser_compat
 from engine.layout import ParallelLayout
+
+log = logging.getLogger("wanserve.engine")
 
 IDLE_TIMEOUT = timedelta(days=30)
 
@@ -61,12 +64,40 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> DistContext:
+def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | None:
+    """Keep this rank on its own share of the cores it may use: local rank r of n gets the
+    r-th of n equal, disjoint slices of its affinity mask (so taskset or a cgroup still decide
+    which cores the job has). None, and nothing changed, with fewer cores than ranks.
+
+    Without this, a rank waking from a collective was often placed on the core its peer was
+    computing on, and both ran at half speed until the scheduler moved one: one thread per rank
+    on the 2-core CPU machine, an Ulysses-2 forward of the benchmark model took 0.50-0.54 s
+    unpinned and 0.40-0.44 s pinned (BENCHMARKS.md). Called before any thread is started,
+    so gloo's and torch's threads inherit the mask.
+    """
+    if local_world_size < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // local_world_size
+    if share == 0:
+        return None
+    mine = cores[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
+def init_distributed(layout: ParallelLayout, collective_timeout_s: float,
+                     pin_cpu_cores: bool = False) -> DistContext:
     xfuser_compat.apply()
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
     rank, world_size, local_rank = env_world()
     use_cuda = torch.cuda.is_available()
+    if pin_cpu_cores and not use_cuda:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        cores = pin_to_core_share(local_rank, local_world_size)
+        if cores is not None:
+            log.info("rank %d pinned to cores %s", rank, ",".join(map(str, cores)))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)

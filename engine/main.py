@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             log.error("invalid parallel layout: %s", exc)
         return 2
-    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s, cfg.pin_cpu_cores)
     try:
         if ctx.is_driver:
             from api.server import serve

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the list this many times")
     ours, rest = parser.parse_known_args(argv)
     cfg = load_config(rest)
-    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s, cfg.pin_cpu_cores)
     setup_logging(cfg.log_level, ctx.rank)
     try:
         from engine.worker import run_request

@@ -42,6 +42,19 @@ def test_health_reports_the_parallel_layout(server2):
         == "sharded over 2 ranks"
 
 
+def test_each_rank_and_all_its_threads_keep_to_their_own_cores(server2):
+    cores = sorted(os.sched_getaffinity(server2.proc.pid))
+    share = len(cores) // 2
+    ranks = rank_pids(server2.proc.pid)
+    assert sorted(ranks) == [0, 1]
+    for rank, pid in ranks.items():
+        expected = set(cores[rank * share:(rank + 1) * share])
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        assert len(threads) > 1  # gloo's threads, Sanic's on rank 0
+        for tid in threads:
+            assert os.sched_getaffinity(tid) == expected, (rank, tid)
+
+
 def test_three_sequential_requests_of_different_sizes(server2):
     for size, frames in (("128x128", "9"), ("144x112", "5"), ("96x160", "13")):
         resp = post(server2, {"size": size, "num_frames": frames})

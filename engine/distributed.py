@@ -72,8 +72,8 @@ def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | Non
     Without this, a rank waking from a collective was often placed on the core its peer was
     computing on, and both ran at half speed until the scheduler moved one: one thread per rank
     on the 2-core CPU machine, an Ulysses-2 forward of the benchmark model took 0.50-0.54 s
-    unpinned and 0.40-0.44 s pinned (BENCHMARKS.md). Called before any thread is started,
-    so gloo's and torch's threads inherit the mask.
+    unpinned and 0.40-0.44 s pinned (BENCHMARKS.md). Applied to every thread the process
+    already has (an OpenMP pool may exist by now); threads started later inherit it.
     """
     if local_world_size < 2 or not hasattr(os, "sched_setaffinity"):
         return None
@@ -82,7 +82,12 @@ def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | Non
     if share == 0:
         return None
     mine = cores[local_rank * share:(local_rank + 1) * share]
-    os.sched_setaffinity(0, mine)
+    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
     return mine
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,30 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port from bind(0) is an ephemeral one,
+    and while a multi-rank server loads its model, its gloo connections take ephemeral ports
+    too: one of them took the port a test had picked before Sanic could bind it."""
+    low, high = _ephemeral_range()
+    first, last = (20000, low) if low > 21000 else (high + 1, 65536)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(first, last)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass

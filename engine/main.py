@@ -102,15 +102,13 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         import torch.distributed as dist
         from distvae.vae import parallel as distvae_parallel
 
-        if ctx.device.type == "cpu":
-            from kernels.cpu_kernels import use_onednn_in_distvae
-
-            use_onednn_in_distvae()
         distvae_parallel.parallelize_decoder(pipe.vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(pipe.vae, dist.group.WORLD)
         if ctx.device.type == "cpu":
+            from kernels.cpu_kernels import use_onednn_in_distvae
             from kernels.cpu_sharded_conv import use_overlapped_halos
 
+            use_onednn_in_distvae()
             use_overlapped_halos(pipe.vae)
         vae_parts = vae_encode = f"sharded over {ctx.world_size} ranks"
     else:

@@ -45,17 +45,22 @@ def _conv3d_forward(self: nn.Conv3d, x: torch.Tensor, weight, bias) -> torch.Ten
     return _conv_of(self, x, self.padding)
 
 
-def _causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None):
-    """WanCausalConv3d.forward with the spatial padding done inside the oneDNN kernel."""
-    if x.device.type != "cpu":
-        return type(self).forward(self, x, cache_x)
-    pad_w, _, pad_h, _, pad_t, _ = self._padding
+def with_causal_frames(x: torch.Tensor, cache_x: torch.Tensor | None, pad_t: int) -> torch.Tensor:
+    """Wan's causal time padding: the cached frames in front of `x`, zeros for the rest."""
     if cache_x is not None and pad_t > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         pad_t -= cache_x.shape[2]
     if pad_t > 0:
         x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-    return _conv_of(self, x, (0, pad_h, pad_w))
+    return x
+
+
+def _causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None):
+    """WanCausalConv3d.forward with the spatial padding done inside the oneDNN kernel."""
+    if x.device.type != "cpu":
+        return type(self).forward(self, x, cache_x)
+    pad_w, _, pad_h, _, pad_t, _ = self._padding
+    return _conv_of(self, with_causal_frames(x, cache_x, pad_t), (0, pad_h, pad_w))
 
 
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,9 @@ import types
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_kernels import onednn_conv3d
+from kernels.cpu_kernels import onednn_conv3d, with_causal_frames
 
 ROWS = -2  # distvae's normalised patch axis for H in a 5-D tensor
 
@@ -49,12 +48,7 @@ def _sharded_causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor 
     conv = self.conv3d
     if not _eligible(conv, x):
         return type(self).forward(self, x, cache_x)
-    pad_t = self._padding[4]
-    if cache_x is not None and pad_t > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        pad_t -= cache_x.shape[2]
-    if pad_t > 0:
-        x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+    x = with_causal_frames(x, cache_x, self._padding[4])
     pad_w = conv.padding[2]
 
     def convolve(rows: torch.Tensor, pad_h: int) -> torch.Tensor:

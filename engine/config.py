@@ -52,6 +52,7 @@ class ServerConfig:
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
     pin_cpu_cores: bool = True  # CPU ranks: each local rank on its own share of the cores
     offload_inactive_expert: bool = False
+    keep_freed_cpu_memory: bool = True  # CPU ranks: malloc never hands freed memory back
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
@@ -120,6 +121,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         cfg=args.cfg or parallel.get("cfg", 1),
     )
     server = tree.get("server") or {}
+    memory = tree.get("memory") or {}
     model = args.model or tree.get("model")
     if not model:
         raise SystemExit(f"{args.config} names no model: pass --model PATH")
@@ -138,7 +140,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
         pin_cpu_cores=bool(parallel.get("pin_cpu_cores", True)),
         offload_inactive_expert=bool(args.offload_inactive_expert
-                                     or (tree.get("memory") or {}).get("offload_inactive_expert")),
+                                     or memory.get("offload_inactive_expert")),
+        keep_freed_cpu_memory=bool(memory.get("keep_freed_cpu_memory", True)),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),
         data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),

@@ -68,6 +68,12 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     from engine.pipeline import load_pipeline
     from kernels.attention import select_backend
 
+    cpu_allocator = "system default"
+    if ctx.device.type == "cpu" and cfg.keep_freed_cpu_memory:
+        from engine.cpu_memory import keep_freed_memory
+
+        if keep_freed_memory():
+            cpu_allocator = "freed memory kept in the process"
     offload = cfg.offload_inactive_expert
     pipe = load_pipeline(model_path, ctx.device, DTYPES[cfg.dtype],
                          keep_on_cpu=("transformer_2",) if offload else ())
@@ -128,6 +134,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         "dtype": cfg.dtype,
         "experts": "one resident, the other in CPU memory" if offload else "both resident",
         "cross_attention_kv": cross_attention_kv,
+        "cpu_allocator": cpu_allocator,
     }
     if ctx.is_driver:
         log.info("attention backend: %s; parallel parts: %s", backend.name,

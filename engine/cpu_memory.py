@@ -6,17 +6,16 @@ allocator and never reach malloc).
 
 By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
 `mmap` and unmaps it on free, and returns the top of the heap to the kernel once more than the
-trim threshold is free there. A denoising step allocates and frees the same large activations
-over and over, so each of them is faulted in page by page again: on the 2-core VM of
-BENCHMARKS.md a first touch costs ~3 us per 4 KiB page against ~0.07 us for memory already
-mapped, and `torch.cat` of two 16 MiB halves took 15.8 ms instead of 2.2 ms. One forward of the
-benchmark model took ~16 000 page faults on one rank.
+trim threshold is free there. A request allocates and frees the same large activations over
+and over, so each of them is faulted in page by page again, and on the 2-core VM of
+BENCHMARKS.md a first touch costs ~3 us per 4 KiB page against ~0.05 us for a page already
+mapped.
 
 `keep_freed_memory()` turns both off: large blocks come from the heap like small ones, and the
-heap never shrinks. The price is memory: resident memory stays at the high-water mark, and
-the heap fragments, so it sits above what the largest request needs. 24 requests of 6 sizes
-on the tiny model peaked at 1136 MiB against 924 MiB with glibc's defaults, still creeping by a
-few tens of MiB at the end (BENCHMARKS.md). `memory.keep_freed_cpu_memory: false` turns it off.
+heap never shrinks. The price is memory: resident memory stays at the high-water mark instead
+of falling back between requests (~20 % more between requests on the tiny model; both figures
+from benchmarks/cpu_memory.py, BENCHMARKS.md). `memory.keep_freed_cpu_memory: false` turns it
+off.
 """
 from __future__ import annotations
 

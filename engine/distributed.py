@@ -69,11 +69,11 @@ def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | Non
     r-th of n equal, disjoint slices of its affinity mask (so taskset or a cgroup still decide
     which cores the job has). None, and nothing changed, with fewer cores than ranks.
 
-    Without it, a rank waking from a collective can be placed on the core its peer is computing
-    on, and both run at half speed until the scheduler moves one (seen under a profiler on the
-    2-core CPU machine; the measured effect on a whole forward is within that machine's noise,
-    BENCHMARKS.md "Component by component"). Applied to every thread the process already has
-    (an OpenMP pool may exist by now); threads started later inherit it.
+    Without it, a rank waking from a collective may be placed on the core its peer is
+    computing on until the scheduler moves one of them. On the 2-core CPU machine the measured
+    effect on a whole forward is within that machine's noise (BENCHMARKS.md "Component by
+    component"). Applied to every thread the process already has (an OpenMP pool may exist by
+    now); threads started later inherit it.
     """
     if local_world_size < 2 or not hasattr(os, "sched_setaffinity"):
         return None

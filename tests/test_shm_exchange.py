@@ -1,0 +1,131 @@
+"""kernels/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
+exchanges of changing sizes and dtypes (both halves of each rank's file reused), with three
+ranks (a middle rank has two neighbours); a hung peer ends a wait at the timeout and a dead
+one at once, each with a clear error.
+
+The checks run as this file under torchrun; rank 0 prints the result as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(nproc: int, mode: str) -> dict:
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
+           __file__, mode]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_exchanges_match_gloo():
+    result = _run(3, "match")
+    assert result["opened"] is True
+    assert result["exchanges"] >= 120
+    assert result["mismatches"] == [], result["mismatches"][:5]
+    assert result["too_big_fits"] is False
+
+
+def test_hung_and_dead_peers_end_the_wait():
+    result = _run(2, "faults")
+    assert "no answer" in result["hung_error"]
+    assert 1.0 <= result["hung_after_s"] < 10
+    assert "died" in result["dead_error"]
+    assert result["dead_after_s"] < 10
+
+
+def _match() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from kernels import shm_exchange
+
+    channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=60,
+                                        spin=False)
+    me, world = dist.get_rank(), dist.get_world_size()
+    mismatches, count = [], 0
+
+    def check(name, got, want):
+        if want is None or got is None:
+            if (want is None) != (got is None):
+                mismatches.append(f"{name}: {got is None=} {want is None=}")
+        elif got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+            mismatches.append(f"{name}: differs")
+
+    generator = torch.Generator().manual_seed(100 + me)
+    for round_ in range(30):
+        dtype = (torch.float32, torch.bfloat16, torch.int64)[round_ % 3]
+        rows = 3 * (1 + round_ % 4)  # sizes change from one exchange to the next
+        x = (torch.randn(rows, 5, generator=generator) * 100).to(dtype)
+
+        want = torch.empty_like(x)
+        dist.all_to_all_single(want, x)
+        check(f"all_to_all {round_}", channel.all_to_all(x), want)
+
+        gathered = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(gathered, x)
+        check(f"all_gather {round_}", channel.all_gather(x.t()), torch.stack(gathered).transpose(1, 2))
+
+        # halos of different widths each way, as a strided convolution has: 1 row up, 2 down
+        posted = channel.post_neighbours(x[:1] if me > 0 else None,
+                                         x[-2:] if me < world - 1 else None)
+        everyone = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(everyone, x)
+        prev, next_ = posted.wait(x[:2] if me > 0 else None, x[:1] if me < world - 1 else None)
+        check(f"from previous {round_}", prev, everyone[me - 1][-2:] if me > 0 else None)
+        check(f"from next {round_}", next_, everyone[me + 1][:1] if me < world - 1 else None)
+
+        receive = channel.post_shift(x)
+        check(f"shift {round_}", receive(), everyone[(me - 1) % world])
+        count += 4
+        if round_ == 14:  # what end_of_job does between jobs
+            dist.barrier()
+            channel.reset()
+            dist.barrier()
+    return {"opened": channel is not None, "exchanges": count, "mismatches": mismatches,
+            "too_big_fits": channel.fits((1 << 16) + 1)}
+
+
+def _faults() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from kernels import shm_exchange
+
+    channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=1.5,
+                                        spin=False)
+    if dist.get_rank() == 1:
+        time.sleep(3.0)  # hung through rank 0's first exchange, then gone without a word
+        os._exit(0)
+    result = {}
+    for name, timeout in (("hung", 1.5), ("dead", 60.0)):
+        channel.timeout_s = timeout
+        start = time.monotonic()
+        try:
+            channel.all_gather(torch.ones(4))
+            result[f"{name}_error"] = "no error"
+        except shm_exchange.ShmExchangeError as exc:
+            result[f"{name}_error"] = str(exc)
+        result[f"{name}_after_s"] = time.monotonic() - start
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out = _match() if sys.argv[1] == "match" else _faults()
+    if dist.get_rank() == 0:
+        print(json.dumps(out), flush=True)
+    if sys.argv[1] == "match":
+        dist.destroy_process_group()
+    os._exit(0)

@@ -51,6 +51,7 @@ class ServerConfig:
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
     pin_cpu_cores: bool = True  # CPU ranks: each local rank on its own share of the cores
+    cpu_shared_memory: bool = True  # CPU ranks on one host: exchanges through /dev/shm, not gloo
     offload_inactive_expert: bool = False
     keep_freed_cpu_memory: bool = True  # CPU ranks: malloc never hands freed memory back
     host: str = "127.0.0.1"
@@ -139,6 +140,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
         pin_cpu_cores=bool(parallel.get("pin_cpu_cores", True)),
+        cpu_shared_memory=bool(parallel.get("cpu_shared_memory", True)),
         offload_inactive_expert=bool(args.offload_inactive_expert
                                      or memory.get("offload_inactive_expert")),
         keep_freed_cpu_memory=bool(memory.get("keep_freed_cpu_memory", True)),

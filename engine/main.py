@@ -113,12 +113,24 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
         if ctx.device.type == "cpu":
             from kernels.cpu_kernels import use_onednn_in_distvae
             from kernels.cpu_sharded_conv import use_overlapped_halos
+            from kernels.sharded_vae_attention import shard_vae_attention
 
             use_onednn_in_distvae()
             use_overlapped_halos(pipe.vae)
+            shard_vae_attention(pipe.vae)
         vae_parts = vae_encode = f"sharded over {ctx.world_size} ranks"
     else:
         vae_parts, vae_encode = "rank 0", "replicated"
+    exchanges = "nccl" if ctx.device.type == "cuda" else "gloo"
+    if ctx.device.type == "cpu" and ctx.world_size > 1 and cfg.cpu_shared_memory:
+        import torch.distributed as dist
+
+        from engine import shm_transport
+
+        routed = shm_transport.enable(cfg.collective_timeout_s, {
+            **shm_transport.xfuser_groups(), "vae": dist.group.WORLD if pipe.parallel_vae else None})
+        if routed:
+            exchanges = f"shared memory ({', '.join(routed)}), gloo for the rest"
     pipe.wanserve_info = {
         "attention_backend": backend.name,
         "parallel": {
@@ -129,6 +141,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
             "text_encoder": "replicated",
             "vae_encode": vae_encode,
             "vae_decode": vae_parts,
+            "exchanges": exchanges,
         },
         "device": str(ctx.device),
         "dtype": cfg.dtype,

@@ -9,7 +9,8 @@ SP degree and lets the padded keys take part in self-attention, so the output dr
 - Ring (any Ulysses degree): each ring rank holds one contiguous block of keys, and only the
   trailing blocks contain padding. When there is padding, `ring_attn` is replaced by a plain
   ring loop that slices each block to its valid keys and merges by log-sum-exp; without
-  padding xfuser's own ring attention runs unchanged.
+  padding xfuser's own ring attention runs unchanged, except where the CPU ranks exchange
+  through shared memory (engine/shm_transport.py): there the same loop passes the blocks.
 
 Layout facts used (yunchang's `use_ulysses_low` groups inside xfuser's contiguous SP group):
 sp_rank = ring_rank * ulysses_degree + ulysses_rank, and xfuser chunks the sequence by
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from engine import xfuser_compat
+from kernels import shm_exchange
 
 xfuser_compat.apply()
 
@@ -89,35 +91,48 @@ def _masked_ring_attention(attention_function, query, key, value, valid, group):
     send_to = dist.get_global_rank(group, (me + 1) % ring)
     recv_from = dist.get_global_rank(group, (me - 1) % ring)
     kv = torch.stack([key, value]).contiguous()
+    channel = shm_exchange.channel_for(group, kv)
     out = lse = None
     for step in range(ring):
-        pending, incoming = [], None
+        receive = None
         if step < ring - 1:
-            incoming = torch.empty_like(kv)
-            pending = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, kv, send_to, group),
-                dist.P2POp(dist.irecv, incoming, recv_from, group),
-            ])
+            receive = (channel.post_shift(kv) if channel is not None
+                       else _post_gloo_shift(kv, send_to, recv_from, group))
         n = valid[(me - step) % ring]
         if n > 0:
             block_out, block_lse = attention_function(
                 query, kv[0][:, :, :n], kv[1][:, :, :n], dropout_p=0.0, is_causal=False)
             out, lse = _merge(out, lse, block_out, block_lse.reshape(block_out.shape[:-1]))
+        if receive is not None:
+            kv = receive()
+    return out.to(query.dtype)
+
+
+def _post_gloo_shift(kv, send_to, recv_from, group):
+    incoming = torch.empty_like(kv)
+    pending = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, kv, send_to, group),
+        dist.P2POp(dist.irecv, incoming, recv_from, group),
+    ])
+
+    def wait():
         for work in pending:
             work.wait()
-        if incoming is not None:
-            kv = incoming
-    return out.to(query.dtype)
+        return incoming
+
+    return wait
 
 
 def ring_attn(attention_function, query, key, value, dropout_p=0.0, is_causal=False,
               joint_attn_kwargs=None, attention_kwargs=None):
     valid = (attention_kwargs or {}).get(RING_VALID_KEY)
+    group = usp.PROCESS_GROUP.RING_PG
+    if valid is None and shm_exchange.channel_for(group, key) is not None:
+        valid = [key.shape[-2]] * dist.get_world_size(group)  # no padding: every key counts
     if valid is None or joint_attn_kwargs is not None or is_causal or dropout_p:
         return _xfuser_ring_attn(attention_function, query, key, value, dropout_p, is_causal,
                                  joint_attn_kwargs, attention_kwargs)
-    return _masked_ring_attention(attention_function, query, key, value, valid,
-                                  usp.PROCESS_GROUP.RING_PG)
+    return _masked_ring_attention(attention_function, query, key, value, valid, group)
 
 
 usp.ring_attn = ring_attn

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch.distributed as dist
+
 from engine.distributed import DistContext, agree, broadcast_message
 from engine.generate import generate
 from engine.pipeline import WanServePipeline
@@ -54,3 +56,10 @@ def end_of_job(ctx: DistContext) -> None:
     """One sync point after every job that all ranks must reach. A rank that died or is
     stuck makes it raise (the step channel has a bounded timeout): the engine is broken."""
     agree(ctx, False)
+    from engine import shm_transport
+
+    if shm_transport.active():
+        # a job that failed on one rank may have left the ranks at different exchanges
+        dist.barrier(group=ctx.step_group)  # every rank is past the job's last exchange
+        shm_transport.reset_after_job()
+        dist.barrier(group=ctx.step_group)  # and nobody starts the next one before all reset

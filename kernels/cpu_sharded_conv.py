@@ -1,10 +1,10 @@
 """The row-sharded VAE's causal convolutions on CPU, without copying each rank's band.
 
 Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`) and torch 2.13.0;
-used only on CPU, where gloo moves the halos. distvae's convolution concatenates the neighbours'
-rows onto the band (a copy of the whole activation), zero-pads it (another copy), convolves two
-rows more than it keeps and crops them off (a third copy), and waits for the halos before it
-starts. The path below makes the 2-rank decode of the benchmark model 4-28 % faster
+used only on CPU, where shared memory (kernels/shm_exchange.py) or gloo moves the halos.
+distvae's convolution concatenates the neighbours' rows onto the band (a copy of the whole
+activation), zero-pads it (another copy), convolves two rows more than it keeps and crops them
+off (a third copy), and waits for the halos before it starts. The path below makes the 2-rank decode of the benchmark model 4-28 % faster
 (benchmarks/cpu_components.py, BENCHMARKS.md).
 
 Here each rank posts its edge rows to its neighbours, convolves its band with zero padding while
@@ -17,32 +17,47 @@ same convolution: the choice depends only on the layer and the dtype, never on a
 from __future__ import annotations
 
 import types
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels import shm_exchange
 from kernels.cpu_kernels import onednn_conv3d, with_causal_frames
 
 ROWS = -2  # distvae's normalised patch axis for H in a 5-D tensor
 
 
-def _post_halo_exchange(x: torch.Tensor, context) -> tuple[list, torch.Tensor | None,
-                                                             torch.Tensor | None]:
-    """Send the first row up and the last row down; receive the rows just outside the band."""
+def _post_halo_exchange(x: torch.Tensor, context) -> Callable[[], tuple]:
+    """Send the first row up and the last row down; returns a wait that gives the rows just
+    outside the band (None at the image's top or bottom)."""
     rank, world = context.rank, context.world_size
+    edge = x[..., :1, :]
+    channel = shm_exchange.channel_for(context.group, edge)
+    if channel is not None and channel.fits(2 * edge.numel() * edge.element_size()):
+        posted = channel.post_neighbours(edge if rank > 0 else None,
+                                         x[..., -1:, :] if rank < world - 1 else None)
+        return lambda: posted.wait(edge if rank > 0 else None, edge if rank < world - 1 else None)
     ops, top, bottom = [], None, None
     if rank > 0:
-        top = torch.empty_like(x[..., :1, :])
-        ops.append(dist.P2POp(dist.isend, x[..., :1, :].contiguous(), context.global_rank(rank - 1),
+        top = torch.empty_like(edge)
+        ops.append(dist.P2POp(dist.isend, edge.contiguous(), context.global_rank(rank - 1),
                               context.group))
         ops.append(dist.P2POp(dist.irecv, top, context.global_rank(rank - 1), context.group))
     if rank < world - 1:
-        bottom = torch.empty_like(x[..., :1, :])
+        bottom = torch.empty_like(edge)
         ops.append(dist.P2POp(dist.isend, x[..., -1:, :].contiguous(),
                               context.global_rank(rank + 1), context.group))
         ops.append(dist.P2POp(dist.irecv, bottom, context.global_rank(rank + 1), context.group))
-    return (dist.batch_isend_irecv(ops) if ops else []), top, bottom
+    pending = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait():
+        for work in pending:
+            work.wait()
+        return top, bottom
+
+    return wait
 
 
 def _sharded_causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None):
@@ -58,11 +73,10 @@ def _sharded_causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor 
 
     if conv.kernel_size[1] == 1:  # no neighbouring rows needed
         return convolve(x, 0)
-    pending, top, bottom = _post_halo_exchange(x, conv.parallel_context)
+    wait_for_halos = _post_halo_exchange(x, conv.parallel_context)
     height = x.shape[-2]
     out = convolve(x, 1) if height > 1 else None  # border rows as if the image ended here
-    for work in pending:
-        work.wait()
+    top, bottom = wait_for_halos()
     if height == 1:
         zero = torch.zeros_like(x[..., :1, :])
         rows = [top if top is not None else zero, x, bottom if bottom is not None else zero]

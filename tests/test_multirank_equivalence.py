@@ -1,4 +1,5 @@
-"""Every parallel layout returns the video one rank returns (real torchrun, gloo, CPU).
+"""Every parallel layout returns the video one rank returns (real torchrun, CPU; exchanges
+through shared memory, and in one case through gloo only).
 
 Float frames are compared, before MP4 encoding. The request set has a size whose token count
 divides by every SP degree (128x128x9: 192 tokens) and one that divides by none (144x144x9:
@@ -44,6 +45,9 @@ def single_rank(tmp_path_factory):
 # The VAE is sharded by rows across all ranks by default (distvae, oneDNN convolutions on CPU);
 # one case keeps it on rank 0 alone.
 VAE_ON_RANK_0 = ("--set", "parallel.vae=false")
+# CPU ranks exchange through shared memory by default (engine/shm_transport.py); one case
+# keeps every exchange on gloo.
+GLOO_ONLY = ("--set", "parallel.cpu_shared_memory=false")
 
 
 @pytest.mark.parametrize("nproc,flags", [
@@ -53,7 +57,8 @@ VAE_ON_RANK_0 = ("--set", "parallel.vae=false")
     (2, ("--ulysses", "2", *VAE_ON_RANK_0)),
     (4, ("--ulysses", "2", "--cfg", "2")),
     (4, ("--ulysses", "2", "--ring", "2")),
-], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2"])
+    (4, ("--ulysses", "2", "--ring", "2", *GLOO_ONLY)),
+], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2", "U2R2-gloo"])
 def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
     parallel = run_layout(tmp_path, nproc, *flags)
     assert parallel.keys() == single_rank.keys()

@@ -40,6 +40,8 @@ def test_health_reports_the_parallel_layout(server2):
     assert health["parallel"]["transformer"] == "sequence-parallel"
     assert health["parallel"]["vae_encode"] == health["parallel"]["vae_decode"] \
         == "sharded over 2 ranks"
+    assert health["parallel"]["exchanges"] == ("shared memory (ulysses, sequence-parallel, "
+                                               "vae), gloo for the rest")
 
 
 def test_each_rank_and_all_its_threads_keep_to_their_own_cores(server2):

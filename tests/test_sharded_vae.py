@@ -1,6 +1,8 @@
-"""kernels/cpu_sharded_conv.py: the tiny model's VAE sharded by rows over two real gloo ranks,
-with the overlapped halo exchange, decodes and encodes exactly what one unsharded VAE does,
-including bands of different heights and a band one latent row high.
+"""The tiny model's VAE sharded by rows over two real ranks decodes and encodes exactly what
+one unsharded VAE does, including bands of different heights and a band one latent row high:
+the overlapped halo exchange (kernels/cpu_sharded_conv.py) and the row-sharded mid-block
+attention (kernels/sharded_vae_attention.py), with the ranks exchanging over gloo and over
+shared memory (engine/shm_transport.py: our halos, distvae's halos and all-gathers).
 
 The check runs as this file under torchrun (two processes); rank 0 prints the result.
 """
@@ -12,18 +14,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # (latent frames, latent rows, latent columns): rows 6 split 3+3; 5 split 3+2; 3 split 2+1
 SHAPES = [(2, 6, 8), (3, 5, 6), (2, 3, 4)]
 
 
-def test_overlapped_halos_match_the_unsharded_vae():
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2", __file__]
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_sharded_vae_matches_the_unsharded_vae(transport):
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2", __file__,
+           transport]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rebound"] > 0
+    assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
+    assert result["routed"] == (["vae"] if transport == "shm" else [])
     assert len(result["decode_diffs"]) == len(result["encode_diffs"]) == len(SHAPES)
     assert max(result["decode_diffs"]) <= 1e-5
     assert max(result["encode_diffs"]) <= 1e-5
@@ -44,6 +52,7 @@ def _check() -> dict:
     from engine.tiny_model import ensure_tiny_model
     from kernels.cpu_kernels import use_fast_cpu_kernels, use_onednn_in_distvae
     from kernels.cpu_sharded_conv import use_overlapped_halos
+    from kernels.sharded_vae_attention import shard_vae_attention
 
     dist.init_process_group("gloo")
     try:
@@ -54,6 +63,12 @@ def _check() -> dict:
         distvae_parallel.parallelize_decoder(vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(vae, dist.group.WORLD)
         rebound = use_overlapped_halos(vae)
+        attention_blocks = shard_vae_attention(vae)
+        routed = []
+        if sys.argv[1] == "shm":
+            from engine import shm_transport
+
+            routed = shm_transport.enable(60.0, {"vae": dist.group.WORLD})
         generator = torch.Generator().manual_seed(0)
         decode_diffs, encode_diffs = [], []
         with torch.no_grad():
@@ -66,7 +81,8 @@ def _check() -> dict:
                 decode_diffs.append((decoded - unsharded.decode(latents).sample).abs().max().item())
                 encode_diffs.append(
                     (encoded - unsharded.encode(video).latent_dist.mode()).abs().max().item())
-        return {"rebound": rebound, "decode_diffs": decode_diffs, "encode_diffs": encode_diffs}
+        return {"rebound": rebound, "attention_blocks": attention_blocks, "routed": routed,
+                "decode_diffs": decode_diffs, "encode_diffs": encode_diffs}
     finally:
         dist.destroy_process_group()
 

@@ -122,6 +122,8 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
     else:
         vae_parts, vae_encode = "rank 0", "replicated"
     exchanges = "nccl" if ctx.device.type == "cuda" else "gloo"
+    if ctx.world_size == 1:
+        exchanges = "none (one rank)"
     if ctx.device.type == "cpu" and ctx.world_size > 1 and cfg.cpu_shared_memory:
         import torch.distributed as dist
 

@@ -39,6 +39,7 @@ SHM_DIR = "/dev/shm"
 SEQ_BYTES = 64  # the sequence number, alone on its cache line
 SPIN_READS = 20000  # ~1 ms of reading the peer's number before yielding the core
 LIVENESS_EVERY_S = 0.05
+MIN_CAPACITY = 256 << 10  # below this a channel would send almost everything through gloo
 
 
 class ShmExchangeError(RuntimeError):
@@ -228,18 +229,33 @@ class PostedNeighbours:
         return prev, next_
 
 
+def _affordable(capacity: int, world: int) -> int:
+    """At most `capacity`, and the group's files together at most half of /dev/shm's free
+    space (the other half left to the next channel and to everyone else)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    free = stat.f_bavail * stat.f_frsize
+    return min(capacity, free // (4 * world) // 4096 * 4096)
+
+
 def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> ShmChannel | None:
     """A channel for `group` (a collective over it), or None on every rank when any rank cannot
-    have one: not Linux x86-64, ranks on different hosts, or /dev/shm without room. `spin`:
+    have one: not Linux x86-64, ranks on different hosts, or /dev/shm without room. Its
+    capacity is `capacity` or less where /dev/shm is small (`_affordable`). `spin`:
     a waiting rank first reads its peer's number in a busy loop (~1 ms; right when every rank
     has a core of its own), else it yields its core at once."""
     world = dist.get_world_size(group)
     index = dist.get_rank(group)
-    token = uuid.uuid4().hex if index == 0 else None
-    box = [token]
+    # rank 0 names the files and sizes them to what /dev/shm has room for (Docker gives a
+    # container 64 MiB by default); bigger exchanges then take gloo, as `fits` says
+    wanted = capacity
+    box = [(uuid.uuid4().hex, _affordable(capacity, world)) if index == 0 else None]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    path = os.path.join(SHM_DIR, f"wanserve-{box[0]}-{index}")
-    ok = supported()
+    token, capacity = box[0]
+    path = os.path.join(SHM_DIR, f"wanserve-{token}-{index}")
+    ok = supported() and capacity >= min(wanted, MIN_CAPACITY)
     if ok:
         try:
             with open(path, "wb") as f:
@@ -247,6 +263,8 @@ def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> S
                 os.posix_fallocate(f.fileno(), 0, SEQ_BYTES + 2 * capacity)  # fail now, not mid-copy
         except OSError:
             ok = False
+            if os.path.exists(path):
+                os.unlink(path)
     mine = (ok, socket.gethostname(), os.getpid(), path)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine, group=group)

@@ -42,6 +42,26 @@ def test_hung_and_dead_peers_end_the_wait():
     assert result["dead_after_s"] < 10
 
 
+def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
+    """Docker gives a container 64 MiB of /dev/shm: channels get smaller, not refused."""
+    import types
+
+    from kernels import shm_exchange
+
+    def free(nbytes):
+        monkeypatch.setattr(shm_exchange.os, "statvfs",
+                            lambda path: types.SimpleNamespace(f_bavail=nbytes // 4096,
+                                                               f_frsize=4096))
+
+    free(24 << 30)
+    assert shm_exchange._affordable(16 << 20, 2) == 16 << 20
+    free(64 << 20)  # two ranks' files may fill half of it
+    assert shm_exchange._affordable(16 << 20, 2) == 8 << 20
+    assert shm_exchange._affordable(16 << 20, 4) == 4 << 20
+    free(1 << 20)
+    assert shm_exchange._affordable(16 << 20, 2) < shm_exchange.MIN_CAPACITY
+
+
 def _match() -> dict:
     import torch
     import torch.distributed as dist

@@ -207,9 +207,6 @@ class ShmChannel:
         self._seq = 0
         self._publish(0)
 
-    def close(self) -> None:
-        self._files = self._seqs = []
-
 
 class PostedNeighbours:
     def __init__(self, channel: ShmChannel, seq: int, slot: int):

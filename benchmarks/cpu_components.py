@@ -8,7 +8,8 @@ engine's own pipeline (engine.main.prepare_pipeline) and times, one thread per r
 
 - a transformer forward at 256x256, 17 frames (1280 tokens), alternating a prompt it has seen
   (cross-attention keys/values remembered) with a fresh copy (recomputed): median wall s, and
-  rank 0's CPU s per forward (getrusage of its thread; wall minus CPU is time blocked);
+  rank 0's CPU s per forward (getrusage of its thread; wall minus CPU is time blocked, except
+  that a rank waiting on shared memory first spins for ~1 ms, which counts as CPU);
 - the VAE decode and encode of the same video: on two ranks both with the overlapped halo
   exchange (kernels/cpu_sharded_conv.py) and with distvae 0.1.0's own convolution; on one rank
   both with kernels/cpu_kernels.py and with torch's default CPU kernels.

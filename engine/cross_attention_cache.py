@@ -14,8 +14,9 @@ result is the same tensors the projections would compute again.
 
 Worth it where those projections are a visible share of a forward: on CPU with the benchmark
 model, remembering them made a forward 1-15 % cheaper in CPU time in 15 of 18 measurements,
-on one rank and on an Ulysses-2 rank (benchmarks/cpu_components.py, BENCHMARKS.md). At A14B 480p (5120 wide, 32 760 video tokens) they
-are ~0.06 % and the cache would hold ~0.4 GB per expert, so the engine enables this on CPU only.
+on one rank and on an Ulysses-2 rank (benchmarks/cpu_components.py, BENCHMARKS.md). At A14B
+480p (5120 wide, 32 760 video tokens) they are ~0.06 % and the cache would hold ~0.4 GB per
+expert, so the engine enables this on CPU only.
 """
 from __future__ import annotations
 

@@ -129,8 +129,9 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
 
         from engine import shm_transport
 
-        routed = shm_transport.enable(cfg.collective_timeout_s, {
-            **shm_transport.xfuser_groups(), "vae": dist.group.WORLD if pipe.parallel_vae else None})
+        vae_group = dist.group.WORLD if pipe.parallel_vae else None
+        routed = shm_transport.enable(cfg.collective_timeout_s,
+                                      {**shm_transport.xfuser_groups(), "vae": vae_group})
         if routed:
             exchanges = f"shared memory ({', '.join(routed)}), gloo for the rest"
     pipe.wanserve_info = {

@@ -157,11 +157,3 @@ def enable(timeout_s: float, groups: dict) -> list[str]:
         log.info("shared-memory exchanges for: %s", ", ".join(routed))
     return routed
 
-
-def active() -> bool:
-    return shm_exchange.any_channel()
-
-
-def reset_after_job() -> None:
-    """Every channel back to its first exchange (all ranks, then a barrier before the next)."""
-    shm_exchange.reset_all()

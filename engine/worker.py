@@ -10,6 +10,7 @@ from engine.distributed import DistContext, agree, broadcast_message
 from engine.generate import generate
 from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
+from kernels import shm_exchange
 
 log = logging.getLogger("wanserve.engine")
 
@@ -56,10 +57,8 @@ def end_of_job(ctx: DistContext) -> None:
     """One sync point after every job that all ranks must reach. A rank that died or is
     stuck makes it raise (the step channel has a bounded timeout): the engine is broken."""
     agree(ctx, False)
-    from engine import shm_transport
-
-    if shm_transport.active():
+    if shm_exchange.any_channel():
         # a job that failed on one rank may have left the ranks at different exchanges
         dist.barrier(group=ctx.step_group)  # every rank is past the job's last exchange
-        shm_transport.reset_after_job()
+        shm_exchange.reset_all()
         dist.barrier(group=ctx.step_group)  # and nobody starts the next one before all reset

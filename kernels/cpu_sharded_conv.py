@@ -4,8 +4,8 @@ Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`) and 
 used only on CPU, where shared memory (kernels/shm_exchange.py) or gloo moves the halos.
 distvae's convolution concatenates the neighbours' rows onto the band (a copy of the whole
 activation), zero-pads it (another copy), convolves two rows more than it keeps and crops them
-off (a third copy), and waits for the halos before it starts. The path below makes the 2-rank decode of the benchmark model 4-28 % faster
-(benchmarks/cpu_components.py, BENCHMARKS.md).
+off (a third copy), and waits for the halos before it starts. The path below makes the 2-rank
+decode of the benchmark model 4-28 % faster (benchmarks/cpu_components.py, BENCHMARKS.md).
 
 Here each rank posts its edge rows to its neighbours, convolves its band with zero padding while
 they travel, then recomputes only its first and last output row from the received halos and

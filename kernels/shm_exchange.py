@@ -257,7 +257,8 @@ def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> S
         try:
             with open(path, "wb") as f:
                 f.truncate(SEQ_BYTES + 2 * capacity)
-                os.posix_fallocate(f.fileno(), 0, SEQ_BYTES + 2 * capacity)  # fail now, not mid-copy
+                # fail here, not with SIGBUS at the first copy into a page tmpfs cannot give
+                os.posix_fallocate(f.fileno(), 0, SEQ_BYTES + 2 * capacity)
         except OSError:
             ok = False
             if os.path.exists(path):

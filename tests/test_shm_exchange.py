@@ -92,7 +92,8 @@ def _match() -> dict:
 
         gathered = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(gathered, x)
-        check(f"all_gather {round_}", channel.all_gather(x.t()), torch.stack(gathered).transpose(1, 2))
+        check(f"all_gather {round_}", channel.all_gather(x.t()),
+              torch.stack(gathered).transpose(1, 2))
 
         # halos of different widths each way, as a strided convolution has: 1 row up, 2 down
         posted = channel.post_neighbours(x[:1] if me > 0 else None,

@@ -134,6 +134,10 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
                                       {**shm_transport.xfuser_groups(), "vae": vae_group})
         if routed:
             exchanges = f"shared memory ({', '.join(routed)}), gloo for the rest"
+            from engine.gloo_threads import idle_gloo_threads
+
+            log.info("rank %d: %d gloo event-loop threads at idle priority", ctx.rank,
+                     idle_gloo_threads())
     pipe.wanserve_info = {
         "attention_backend": backend.name,
         "parallel": {

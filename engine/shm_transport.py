@@ -5,7 +5,8 @@ Written for xfuser 0.7.0 (yunchang's Ulysses group, `GroupCoordinator.all_gather
 `kernels/shm_exchange.py`; this module decides which exchanges use it:
 
 - Ulysses: the all-to-alls before and after each self-attention (xfuser's
-  `usp._sdpa_all_to_all_single`);
+  `usp._sdpa_all_to_all_single`, and its `_ft_c_input_all_to_all` / `_ft_c_output_all_to_all`
+  with their permutes folded into the copies through shared memory);
 - ring attention: passing each block of keys and values to the next rank
   (`engine/sp_padding.py` runs its own ring loop when a channel exists);
 - xfuser's all-gathers (the sequence-parallel output of every forward, CFG parallel's two
@@ -39,6 +40,8 @@ log = logging.getLogger("wanserve.engine")
 CAPACITY = 16 << 20  # bytes per exchange and rank; each rank's file holds two of these
 
 _xfuser_all_to_all = usp._sdpa_all_to_all_single
+_xfuser_input_all_to_all = usp._ft_c_input_all_to_all
+_xfuser_output_all_to_all = usp._ft_c_output_all_to_all
 _xfuser_all_gather = GroupCoordinator.all_gather
 _distvae_exchange_halo = None  # set by enable()
 MAX_HALO_ROWS = 8
@@ -49,6 +52,39 @@ def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     if channel is None:
         return _xfuser_all_to_all(x)
     return channel.all_to_all(x)
+
+
+def _input_all_to_all(x: torch.Tensor) -> torch.Tensor:
+    """xfuser's `_ft_c_input_all_to_all`: [b, h, s, d] (all heads of this rank's s tokens) to
+    [b, h/P, P*s, d] (this rank's heads of every token), the same bytes exchanged. xfuser
+    permutes into a contiguous copy, exchanges, and permutes into another; here the copy into
+    shared memory reads the caller's strided query/key/value and the copy out writes the final
+    layout, two copies fewer."""
+    channel = shm_exchange.channel_for(usp.PROCESS_GROUP.ULYSSES_PG, x)
+    if channel is None or x.dim() != 4 or x.shape[1] % channel.world:
+        return _xfuser_input_all_to_all(x)
+    world = channel.world
+    b, h, s, d = x.shape
+    out = torch.empty(b, h // world, world, s, d, dtype=x.dtype)
+    channel.all_to_all_views(x.unflatten(1, (world, h // world)).permute(1, 2, 0, 3, 4),
+                             out.permute(2, 1, 0, 3, 4))
+    return out.view(b, h // world, world * s, d)
+
+
+def _output_all_to_all(x: torch.Tensor) -> torch.Tensor:
+    """xfuser's `_ft_c_output_all_to_all`: [b, h/P, P*s, d] back to [b, h, s, d], the same bytes
+    exchanged. The result is laid out as [b, s, h, d] in memory, so the attention processor's
+    `transpose(1, 2).flatten(2, 3)` right after it copies nothing."""
+    channel = shm_exchange.channel_for(usp.PROCESS_GROUP.ULYSSES_PG, x)
+    if channel is None or x.dim() != 4 or x.shape[2] % channel.world:
+        return _xfuser_output_all_to_all(x)
+    world = channel.world
+    b, heads, tokens, d = x.shape
+    s = tokens // world
+    out = torch.empty(b, s, world, heads, d, dtype=x.dtype)
+    channel.all_to_all_views(x.unflatten(2, (world, s)).permute(2, 3, 0, 1, 4),
+                             out.permute(2, 1, 0, 3, 4))
+    return out.view(b, s, world * heads, d).transpose(1, 2)
 
 
 def _all_gather(self: GroupCoordinator, input_: torch.Tensor, dim: int = 0,
@@ -153,6 +189,8 @@ def enable(timeout_s: float, groups: dict) -> list[str]:
         conv_mixin.exchange_halo = _exchange_halo
     if routed:
         usp._sdpa_all_to_all_single = _all_to_all
+        usp._ft_c_input_all_to_all = _input_all_to_all
+        usp._ft_c_output_all_to_all = _output_all_to_all
         GroupCoordinator.all_gather = _all_gather
         log.info("shared-memory exchanges for: %s", ", ".join(routed))
     return routed

@@ -137,11 +137,11 @@ class ShmChannel:
         offset = 0
         for payload, size in payloads:
             if payload is not None:
-                raw = payload.contiguous().view(-1).view(torch.uint8)
-                if raw.numel() > size:
-                    raise ValueError(f"shared-memory exchange: {raw.numel()} bytes for a slot "
+                nbytes = payload.numel() * payload.element_size()
+                if nbytes > size:
+                    raise ValueError(f"shared-memory exchange: {nbytes} bytes for a slot "
                                      f"of {size}")
-                half[offset:offset + raw.numel()].copy_(raw)
+                _typed(half[offset:offset + nbytes], payload).copy_(payload)
             offset += size
         self._publish(seq)
         return seq
@@ -149,30 +149,34 @@ class ShmChannel:
     def _read(self, k: int, seq: int, offset: int, like: torch.Tensor,
               out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty_like(like, memory_format=torch.contiguous_format) if out is None else out
-        raw = out.view(-1).view(torch.uint8)
-        raw.copy_(self._half(k, seq)[offset:offset + raw.numel()])
+        nbytes = out.numel() * out.element_size()
+        out.copy_(_typed(self._half(k, seq)[offset:offset + nbytes], out))
         return out
 
     # -- collectives ----------------------------------------------------------------------------
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """`dist.all_to_all_single` with equal splits along dim 0 of the flattened tensor."""
-        flat = x.contiguous().view(-1)
-        chunk = flat.numel() // self.world
-        seq = self._begin([(flat, flat.numel() * flat.element_size())])
+        flat = x.reshape(-1)
         out = torch.empty_like(flat)
-        out[self.index * chunk:(self.index + 1) * chunk].copy_(
-            flat[self.index * chunk:(self.index + 1) * chunk])
+        self.all_to_all_views(flat.view(self.world, -1), out.view(self.world, -1))
+        return out.view(x.shape)
+
+    def all_to_all_views(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """All-to-all between views: `send[j]` goes to member j of the group and `recv[k]`
+        receives what member k sent here. Both have the group's size as first dimension and
+        may be any strided view: the copies into and out of shared memory do the permuting a
+        caller would otherwise do before and after the exchange."""
+        chunk = send[0]
+        size = chunk.numel() * chunk.element_size()
+        seq = self._begin([(send, send.numel() * send.element_size())])
+        recv[self.index].copy_(send[self.index])
         self._wait_all(seq)
-        size = chunk * flat.element_size()
         for k in range(self.world):
             if k != self.index:
-                self._read(k, seq, self.index * size, flat[:chunk],
-                           out=out[k * chunk:(k + 1) * chunk])
-        return out.view(x.shape)
+                self._read(k, seq, self.index * size, chunk, out=recv[k])
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x`, stacked along a new first dimension in group order."""
-        x = x.contiguous()
         seq = self._begin([(x, x.numel() * x.element_size())])
         out = torch.empty((self.world, *x.shape), dtype=x.dtype)
         out[self.index].copy_(x)
@@ -224,6 +228,12 @@ class PostedNeighbours:
         if from_next is not None:
             next_ = ch._read(ch.index + 1, self.seq, 0, from_next)
         return prev, next_
+
+
+def _typed(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bytes of shared memory (uint8, aligned to the element size: halves start 64 bytes in and
+    every offset is a multiple of an element) as a contiguous tensor shaped like `like`."""
+    return raw.view(like.dtype).view(like.shape)
 
 
 def _affordable(capacity: int, world: int) -> int:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels import shm_exchange
-from kernels.cpu_kernels import onednn_conv3d, with_causal_frames
+from kernels.cpu_kernels import with_causal_frames
 
 ROWS = -2  # distvae's normalised patch axis for H in a 5-D tensor
 
@@ -66,65 +66,91 @@ def _sharded_causal_conv3d_forward(self, x: torch.Tensor, cache_x: torch.Tensor 
     if not _eligible(conv, x):
         return type(self).forward(self, x, cache_x)
     x = with_causal_frames(x, cache_x, self._padding[4])
-    pad_w = conv.padding[2]
-
-    def convolve(rows: torch.Tensor, pad_h: int) -> torch.Tensor:
-        return onednn_conv3d(rows, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), 1,
-                             conv.groups)
-
     if conv.kernel_size[1] == 1:  # no neighbouring rows needed
-        return convolve(x, 0)
+        return _onednn(conv, x, conv.weight, conv.bias, (0, 0, conv.padding[2]))
+    return _band_conv_with_halos(self, conv, x)
+
+
+def _sharded_conv2d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The resample blocks' 3x3 convolution (after the upsampling) the same way."""
+    conv = self.conv2d
+    if not _eligible(conv, x):
+        return type(self).forward(self, x)
+    return _band_conv_with_halos(self, conv, x)
+
+
+def _band_conv_with_halos(adapter, conv, x: torch.Tensor) -> torch.Tensor:
+    """`conv` (3-row kernel, 1 row of zero padding) over this rank's band of rows `x`, as the
+    whole image would give it: halos posted first, the band convolved while they travel."""
+    pad_w = conv.padding[-1]
+
+    def padding(pad_h: int) -> tuple:
+        return (0, pad_h, pad_w) if x.dim() == 5 else (pad_h, pad_w)
+
     wait_for_halos = _post_halo_exchange(x, conv.parallel_context)
     height = x.shape[-2]
-    out = convolve(x, 1) if height > 1 else None  # border rows as if the image ended here
+    # border rows as if the image ended here
+    out = _onednn(conv, x, conv.weight, conv.bias, padding(1)) if height > 1 else None
     top, bottom = wait_for_halos()
     if height == 1:
         zero = torch.zeros_like(x[..., :1, :])
         rows = [top if top is not None else zero, x, bottom if bottom is not None else zero]
-        return convolve(torch.cat(rows, dim=-2), 0)
+        return _onednn(conv, torch.cat(rows, dim=-2), conv.weight, conv.bias, padding(0))
     # the band's edge rows saw a zero row past the band: add what the halo row gives instead
     if top is not None:
-        out[..., :1, :] += _halo_term(self, top, 0, pad_w)
+        out[..., :1, :] += _onednn(conv, top, _kernel_row(adapter, conv, 0), None, padding(0))
     if bottom is not None:
-        out[..., -1:, :] += _halo_term(self, bottom, 2, pad_w)
+        out[..., -1:, :] += _onednn(conv, bottom, _kernel_row(adapter, conv, 2), None, padding(0))
     return out
 
 
-def _halo_term(adapter, halo: torch.Tensor, kernel_row: int, pad_w: int) -> torch.Tensor:
-    """The halo row's part of the edge output row: the halo convolved with the one kernel row
-    that reaches it (no bias: the band's convolution added it)."""
-    conv = adapter.conv3d
+def _onednn(conv, x: torch.Tensor, weight, bias, padding: tuple) -> torch.Tensor:
+    return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, tuple(conv.stride),
+                                    tuple(conv.dilation), conv.groups)
+
+
+def _kernel_row(adapter, conv, row: int) -> torch.Tensor:
+    """Row `row` of the convolution's kernel (the one that reaches a halo row), contiguous;
+    kept on the adapter until the weight changes."""
     weight = conv.weight
     key = (weight.data_ptr(), weight._version)
     cached = getattr(adapter, "_wanserve_kernel_rows", None)
     if cached is None or cached[0] != key:
-        cached = (key, [weight[:, :, :, row:row + 1, :].contiguous() for row in range(3)])
+        cached = (key, [weight[..., r:r + 1, :].contiguous() for r in range(3)])
         adapter._wanserve_kernel_rows = cached
-    return onednn_conv3d(halo, cached[1][kernel_row], None, conv.stride, (0, 0, pad_w), 1,
-                         conv.groups)
+    return cached[1][row]
 
 
 def _eligible(conv, x: torch.Tensor) -> bool:
     """Zero-padded convolutions split by rows, with a 1- or 3-row kernel padded to keep the
-    size and no spatial stride (all of the Wan VAE's causal convolutions: some stride in time),
-    in float32 on CPU."""
-    kernel_h = conv.kernel_size[1]
+    size and no spatial stride (all of the Wan VAE's causal convolutions: some stride in time;
+    the 3x3 convolution after each upsampling), in float32 on CPU."""
+    kernel_h, pad_h = conv.kernel_size[-2], conv.padding[-2]
     return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.padding_mode == "zeros"
-            and tuple(conv.stride[1:]) == (1, 1) and tuple(conv.dilation) == (1, 1, 1)
-            and conv.patch_dim == ROWS and kernel_h in (1, 3) and conv.padding[1] == kernel_h // 2
-            and conv.padding[0] == 0)
+            and tuple(conv.stride[-2:]) == (1, 1) and set(conv.dilation) == {1}
+            and conv.patch_dim == ROWS and kernel_h in (1, 3) and pad_h == kernel_h // 2
+            and (x.dim() == 4 or conv.padding[0] == 0))
 
 
 def use_overlapped_halos(module: nn.Module) -> int:
-    """Rebind the forward of every distvae Wan causal-convolution adapter under `module`
-    (after distvae has sharded it); returns how many. A no-op without oneDNN."""
+    """Rebind the forward of every distvae Wan causal-convolution adapter and 2-D convolution
+    adapter under `module` (after distvae has sharded it); returns how many. A no-op without
+    oneDNN. The 2-D ones not eligible (the encoder's strided downsampling) keep distvae's path."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    from distvae.modules.adapters.layers.conv_adapters import WanCausalConv3dAdapter
+    from distvae.modules.adapters.layers.conv_adapters import (
+        Conv2dAdapter,
+        WanCausalConv3dAdapter,
+    )
 
+    forwards = {WanCausalConv3dAdapter: ("conv3d", _sharded_causal_conv3d_forward),
+                Conv2dAdapter: ("conv2d", _sharded_conv2d_forward)}
     count = 0
     for sub in module.modules():
-        if type(sub) is WanCausalConv3dAdapter and sub.conv3d.parallel_context.world_size > 1:
-            sub.forward = types.MethodType(_sharded_causal_conv3d_forward, sub)
+        if type(sub) not in forwards:
+            continue
+        attr, forward = forwards[type(sub)]
+        if getattr(sub, attr).parallel_context.world_size > 1:
+            sub.forward = types.MethodType(forward, sub)
             count += 1
     return count

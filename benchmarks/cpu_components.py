@@ -10,8 +10,12 @@ engine's own pipeline (engine.main.prepare_pipeline) and times, one thread per r
   (cross-attention keys/values remembered) with a fresh copy (recomputed): median wall s, and
   rank 0's CPU s per forward (getrusage of its thread; wall minus CPU is time blocked, except
   that a rank waiting on shared memory first spins for ~1 ms, which counts as CPU);
+- on two ranks exchanging through shared memory, the same forward with one measure switched
+  off, taking turns with the default forward by forward (ratio off / on of the medians):
+  gloo's event-loop threads back at normal priority (engine/gloo_threads.py), and xfuser's own
+  Ulysses all-to-alls instead of the folded ones (engine/shm_transport.py);
 - the VAE decode and encode of the same video: on two ranks both with the overlapped halo
-  exchange (kernels/cpu_sharded_conv.py) and with distvae 0.1.0's own convolution; on one rank
+  exchange (kernels/cpu_sharded_conv.py) and with distvae 0.1.0's own convolutions; on one rank
   both with kernels/cpu_kernels.py and with torch's default CPU kernels.
 
 Ratios are read within one round: the machine's speed drifts between jobs.
@@ -54,10 +58,46 @@ def _overlapped_halos(vae, on: bool) -> None:
     from kernels.cpu_sharded_conv import use_overlapped_halos
 
     for module in vae.modules():
-        if type(module).__name__ == "WanCausalConv3dAdapter":
+        if type(module).__name__ in ("WanCausalConv3dAdapter", "Conv2dAdapter"):
             module.__dict__.pop("forward", None)  # back to distvae's own forward
     if on:
         use_overlapped_halos(vae)
+
+
+def _gloo_loops_idle(on: bool) -> None:
+    from engine.gloo_threads import set_gloo_loop_policy
+
+    set_gloo_loop_policy(None if on else os.SCHED_OTHER)
+
+
+def _folded_all_to_alls(on: bool) -> None:
+    import xfuser.model_executor.layers.usp as usp
+
+    from engine import shm_transport
+
+    usp._ft_c_input_all_to_all = (shm_transport._input_all_to_all if on
+                                  else shm_transport._xfuser_input_all_to_all)
+    usp._ft_c_output_all_to_all = (shm_transport._output_all_to_all if on
+                                   else shm_transport._xfuser_output_all_to_all)
+
+
+# (what, how to switch it; on is the engine's default): compared forward by forward, in turn
+FORWARD_AB = {"gloo loop threads at normal priority": _gloo_loops_idle,
+              "xfuser's own Ulysses all-to-alls": _folded_all_to_alls}
+
+
+def _alternating(fn, switch, iters: int, barrier) -> float:
+    """Median wall of fn() with the switch off over with it on, calls taking turns."""
+    walls = {True: [], False: []}
+    for i in range(2 * iters):
+        on = i % 2 == 1
+        switch(on)
+        barrier()
+        start = time.perf_counter()
+        fn()
+        walls[on].append(time.perf_counter() - start)
+    switch(True)
+    return statistics.median(walls[False]) / statistics.median(walls[True])
 
 
 def _undo_fast_cpu_kernels(vae) -> None:
@@ -93,6 +133,13 @@ def worker(argv: list[str], iters: int) -> dict:
             hit = _timed(forward(prompt), iters)
             miss = _timed(lambda: forward(prompt.clone())(), iters)
             result["forward_remembered"], result["forward_recomputed"] = hit, miss
+            if ctx.world_size > 1 and pipe.wanserve_info["parallel"]["exchanges"].startswith(
+                    "shared memory"):
+                import torch.distributed as dist
+
+                for what, switch in FORWARD_AB.items():
+                    result[f"forward with {what} / default"] = _alternating(
+                        forward(prompt), switch, iters, lambda: dist.barrier(ctx.step_group))
             # two ranks: overlapped halos vs distvae's own; one rank: cpu_kernels vs torch's
             variants = ["overlapped", "distvae"] if pipe.parallel_vae else ["", "torch kernels"]
             for variant in variants:
@@ -134,8 +181,11 @@ def main() -> int:
             result = json.loads(line[len("RESULT "):])
             rows.append((round_, name, result))
             print(f"round {round_}, {name}:")
-            for key, (wall, cpu) in result.items():
-                print(f"  {key:<22} wall {wall:6.3f} s   rank 0 CPU {cpu:6.3f} s")
+            for key, value in result.items():
+                if isinstance(value, float):  # a ratio of two variants measured in turn
+                    print(f"  {key:<58} {value:6.3f}")
+                else:
+                    print(f"  {key:<22} wall {value[0]:6.3f} s   rank 0 CPU {value[1]:6.3f} s")
     out = REPO / "bench-out" / "cpu_components.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps([{"round": r, "job": n, **res} for r, n, res in rows], indent=1))

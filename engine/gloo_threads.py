@@ -20,18 +20,20 @@ import os
 LOOP_THREAD_NAME = "gloo_tcp_loop"
 
 
-def idle_gloo_threads() -> int:
-    """Put this process's gloo event-loop threads at SCHED_IDLE; returns how many. Threads
-    created later keep their creator's policy: call once every process group exists."""
+def set_gloo_loop_policy(policy: int | None = None) -> int:
+    """Give this process's gloo event-loop threads the scheduling `policy` (None: SCHED_IDLE);
+    returns how many. Threads created later keep their creator's policy: call once every
+    process group exists."""
     if not hasattr(os, "SCHED_IDLE") or not os.path.isdir("/proc/self/task"):
         return 0
+    policy = os.SCHED_IDLE if policy is None else policy
     count = 0
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().strip() != LOOP_THREAD_NAME:
                     continue
-            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
             count += 1
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             pass

@@ -134,10 +134,10 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
                                       {**shm_transport.xfuser_groups(), "vae": vae_group})
         if routed:
             exchanges = f"shared memory ({', '.join(routed)}), gloo for the rest"
-            from engine.gloo_threads import idle_gloo_threads
+            from engine.gloo_threads import set_gloo_loop_policy
 
             log.info("rank %d: %d gloo event-loop threads at idle priority", ctx.rank,
-                     idle_gloo_threads())
+                     set_gloo_loop_policy())
     pipe.wanserve_info = {
         "attention_backend": backend.name,
         "parallel": {

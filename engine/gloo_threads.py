@@ -10,8 +10,10 @@ thread is not using it, which is when gloo has work: every gloo collective on CP
 caller until it completes.
 
 Only applied where shared memory (engine/shm_transport.py) carries the large exchanges; gloo
-then moves control messages and small fallbacks. An asynchronous gloo send or receive posted
-before a long computation would not progress until the rank next waits.
+then moves control messages and small fallbacks. The cost: an asynchronous gloo receive posted
+before a long computation progresses only once the core is free (the rank waits, or on rank 0
+the MP4 encoding of the previous video, which shares its core, pauses); nothing is lost, and
+every wait stays bounded by the collective timeout.
 """
 from __future__ import annotations
 

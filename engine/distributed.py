@@ -64,6 +64,15 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def ranks_have_own_cores() -> bool:
+    """Every rank of the job on this host can have a core to itself; only then does a rank gain
+    by busy-waiting for a peer or by idling its helper threads (engine/shm_transport.py,
+    engine/gloo_threads.py): with more ranks than cores, it would take the core from a peer."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    local_world_size = int(local) if local else dist.get_world_size()
+    return local_world_size <= (os.cpu_count() or 1)
+
+
 def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | None:
     """Keep this rank on its own share of the cores it may use: local rank r of n gets the
     r-th of n equal, disjoint slices of its affinity mask (so taskset or a cgroup still decide

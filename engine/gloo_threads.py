@@ -9,11 +9,13 @@ next then waits for it. At SCHED_IDLE those threads only get the core when the r
 thread is not using it, which is when gloo has work: every gloo collective on CPU blocks its
 caller until it completes.
 
-Only applied where shared memory (engine/shm_transport.py) carries the large exchanges; gloo
-then moves control messages and small fallbacks. The cost: an asynchronous gloo receive posted
-before a long computation progresses only once the core is free (the rank waits, or on rank 0
-the MP4 encoding of the previous video, which shares its core, pauses); nothing is lost, and
-every wait stays bounded by the collective timeout.
+Only applied where shared memory (engine/shm_transport.py) carries the large exchanges, gloo
+then moving control messages and small fallbacks, and where every rank has a core to itself
+(with more ranks than cores, the core a rank frees by waiting goes to a peer, not to these).
+The cost: an asynchronous gloo receive posted before a long computation progresses only once
+the core is free (the rank waits, or on rank 0 the MP4 encoding of the previous video, which
+shares its core, pauses); nothing is lost, and every wait stays bounded by the collective
+timeout.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ServerConfig, load_config
 from engine.distributed import (DistContext, die_with_launcher, env_world, init_distributed,
-                                ready_barrier, shutdown)
+                                ranks_have_own_cores, ready_barrier, shutdown)
 from engine.layout import LayoutError
 
 log = logging.getLogger("wanserve")
@@ -134,6 +134,7 @@ def prepare_pipeline(cfg: ServerConfig, ctx: DistContext, model_path: Path):
                                       {**shm_transport.xfuser_groups(), "vae": vae_group})
         if routed:
             exchanges = f"shared memory ({', '.join(routed)}), gloo for the rest"
+        if routed and ranks_have_own_cores():
             from engine.gloo_threads import set_gloo_loop_policy
 
             log.info("rank %d: %d gloo event-loop threads at idle priority", ctx.rank,

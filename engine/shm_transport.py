@@ -21,12 +21,12 @@ capacity, or any group without a channel, goes through gloo as before.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 
 from engine import xfuser_compat
+from engine.distributed import ranks_have_own_cores
 from kernels import shm_exchange
 
 xfuser_compat.apply()
@@ -167,8 +167,7 @@ def enable(timeout_s: float, groups: dict) -> list[str]:
     """Open a channel for each of `groups` ({name: process group or None}; "vae" is the group
     distvae shards the VAE over) and route the exchanges above through them. A collective:
     every rank calls it at the same point of start-up. Returns the names now served."""
-    # busy-waiting only pays when every rank has a core to itself
-    spin = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())) <= (os.cpu_count() or 1)
+    spin = ranks_have_own_cores()
     routed = []
     for name, group in groups.items():
         if group is None or dist.get_world_size(group) < 2:

@@ -62,6 +62,16 @@ def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
     assert shm_exchange._affordable(16 << 20, 2) < shm_exchange.MIN_CAPACITY
 
 
+def test_spinning_and_idle_gloo_threads_only_where_ranks_have_their_own_cores(monkeypatch):
+    from engine.distributed import ranks_have_own_cores
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert ranks_have_own_cores()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # U2C2 on two cores
+    assert not ranks_have_own_cores()
+
+
 def _match() -> dict:
     import torch
     import torch.distributed as dist

@@ -124,7 +124,8 @@ class _DistvaeDistributed:
 def _exchange_halo(input, patch_dim, patch_index, halo_width, prev_bottom_halo_width,
                    next_top_halo_width, parallel_context, halo_buffer=None):
     """distvae 0.1.0's `conv_utils.exchange_halo` (the halos of the convolutions that
-    kernels/cpu_sharded_conv.py leaves to distvae: strided and 2-D ones) through the channel.
+    kernels/cpu_sharded_conv.py leaves to distvae: the encoder's strided ones) through the
+    channel.
     Halo widths differ between ranks, so whether the channel serves it is decided on one row's
     size, the same on every rank: room for MAX_HALO_ROWS rows each way (Wan's kernels need 2)."""
     rows = input.shape[patch_dim]

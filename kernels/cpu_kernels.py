@@ -23,20 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _triple(value) -> tuple[int, int, int]:
-    return (value,) * 3 if isinstance(value, int) else tuple(value)
+def onednn_conv(x: torch.Tensor, weight, bias=None, stride=1, padding=0, dilation=1,
+                groups=1) -> torch.Tensor:
+    """F.conv2d's or F.conv3d's arguments (zero padding given as numbers; the number of spatial
+    dimensions is x's), always on oneDNN."""
+    spatial = x.dim() - 2
 
+    def per_dim(value) -> tuple:
+        return (value,) * spatial if isinstance(value, int) else tuple(value)
 
-def onednn_conv3d(x: torch.Tensor, weight, bias=None, stride=1, padding=0, dilation=1,
-                  groups=1) -> torch.Tensor:
-    """F.conv3d's arguments (zero padding given as numbers), always on oneDNN."""
-    return torch.mkldnn_convolution(x.contiguous(), weight, bias, _triple(padding),
-                                    _triple(stride), _triple(dilation), groups)
+    return torch.mkldnn_convolution(x.contiguous(), weight, bias, per_dim(padding),
+                                    per_dim(stride), per_dim(dilation), groups)
 
 
 def _conv_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
-    return onednn_conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
-                         conv.groups)
+    return onednn_conv(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                       conv.groups)
 
 
 def _conv3d_forward(self: nn.Conv3d, x: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -114,7 +116,7 @@ def use_onednn_in_distvae() -> None:
     def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if input.device.type != "cpu" or input.dtype != torch.float32 or isinstance(padding, str):
             return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
-        return onednn_conv3d(input, weight, bias, stride, padding, dilation, groups)
+        return onednn_conv(input, weight, bias, stride, padding, dilation, groups)
 
     functional = types.SimpleNamespace(**{name: getattr(F, name) for name in dir(F)
                                           if not name.startswith("__")})

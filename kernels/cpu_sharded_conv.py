@@ -1,11 +1,13 @@
-"""The row-sharded VAE's causal convolutions on CPU, without copying each rank's band.
+"""The row-sharded VAE's convolutions on CPU, without copying each rank's band.
 
-Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`) and torch 2.13.0;
-used only on CPU, where shared memory (kernels/shm_exchange.py) or gloo moves the halos.
-distvae's convolution concatenates the neighbours' rows onto the band (a copy of the whole
-activation), zero-pads it (another copy), convolves two rows more than it keeps and crops them
-off (a third copy), and waits for the halos before it starts. The path below makes the 2-rank
-decode of the benchmark model 4-28 % faster (benchmarks/cpu_components.py, BENCHMARKS.md).
+Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`, `Conv2dAdapter`
+around a `PatchConv2d`) and torch 2.13.0; used only on CPU, where shared memory
+(kernels/shm_exchange.py) or gloo moves the halos. distvae's convolution concatenates the
+neighbours' rows onto the band (a copy of the whole activation), zero-pads it (another copy),
+convolves two rows more than it keeps and crops them off (a third copy), and waits for the
+halos before it starts. The path below made the 2-rank decode of the benchmark model faster in
+every comparison so far (4-28 % at 617af4d, 2.6-6.3 % at f8afd3d; benchmarks/cpu_components.py,
+BENCHMARKS.md).
 
 Here each rank posts its edge rows to its neighbours, convolves its band with zero padding while
 they travel, then adds to its first and last output row what the received halo row contributes
@@ -25,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels import shm_exchange
-from kernels.cpu_kernels import with_causal_frames
+from kernels.cpu_kernels import onednn_conv, with_causal_frames
 
-ROWS = -2  # distvae's normalised patch axis for H in a 5-D tensor
+ROWS = -2  # distvae's normalised patch axis for H (5-D and 4-D tensors alike)
 
 
 def _post_halo_exchange(x: torch.Tensor, context) -> Callable[[], tuple]:
@@ -105,8 +107,7 @@ def _band_conv_with_halos(adapter, conv, x: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn(conv, x: torch.Tensor, weight, bias, padding: tuple) -> torch.Tensor:
-    return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, tuple(conv.stride),
-                                    tuple(conv.dilation), conv.groups)
+    return onednn_conv(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def _kernel_row(adapter, conv, row: int) -> torch.Tensor:

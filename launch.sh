@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --nproc) nproc="$2"; shift 2 ;;
     --nproc=*) nproc="${1#*=}"; shift ;;
-    -h|--help) exec .venv/bin/python -m engine.main --help ;;
+    -h|--help) exec .venv/bin/python -m api.main --help ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -32,7 +32,7 @@ fi
 if [ "$nproc" -gt 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 export PYTHONUNBUFFERED=1
 .venv/bin/torchrun --standalone --nproc-per-node "$nproc" --no-python \
-  .venv/bin/python -m engine.main "${args[@]+"${args[@]}"}" &
+  .venv/bin/python -m api.main "${args[@]+"${args[@]}"}" &
 launcher=$!
 
 # SIGTERM/SIGINT go to the ranks, not to torchrun: rank 0 drains and tells the others to

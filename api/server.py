@@ -18,12 +18,12 @@ log = logging.getLogger("wanserve.api")
 MAX_EXPIRY_INTERVAL_S = 60
 
 
-def serve(cfg: ServerConfig, ctx: DistContext, load_pipeline: Callable) -> int:
+def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
     """Blocks until the server stops; returns the process exit code (non-zero when the
     engine broke, so torchrun or the operator can restart it)."""
     store = JobStore(cfg.data_dir, ttl_s=cfg.video_ttl_s)
     service = VideoService(cfg, store, Metrics(lambda: engine.queue_depth))
-    engine = Engine(ctx, load_pipeline, service, cfg.max_queue, cfg.job_timeout_s)
+    engine = Engine(ctx, load_model, service, cfg.max_queue, cfg.job_timeout_s)
     service.engine = engine
     app = create_app(cfg, service)
 

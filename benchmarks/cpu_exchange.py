@@ -27,11 +27,9 @@ def measure(iters: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.distributed import pin_to_core_share
-    from kernels import shm_exchange
+    from engine.cpu import shm_exchange
 
     dist.init_process_group("gloo")
-    pin_to_core_share(dist.get_rank(), dist.get_world_size())
     channel = shm_exchange.open_channel(dist.group.WORLD, 16 << 20, 60.0)
     me, world = dist.get_rank(), dist.get_world_size()
     query = torch.randn(640 * 512)

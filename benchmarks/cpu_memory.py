@@ -4,7 +4,7 @@
 
 1. First touch: microseconds per 4 KiB page to write a freshly mapped page against one already
    written (an anonymous mmap, one byte per page).
-2. For `memory.keep_freed_cpu_memory` true and false, one fresh one-rank process each (the
+2. For `cpu.keep_freed_memory` true and false, one fresh one-rank process each (the
    setting is process-wide) runs the engine's `generate` on a cycle of six request sizes,
    --repeat times, and reports per request the seconds, the page faults and the resident memory
    after it, and the process's peak resident memory (VmHWM, loading included).
@@ -50,16 +50,18 @@ def status_mib(field: str) -> int:
 
 
 def child(argv: list[str], repeat: int) -> dict:
+    from engine.assembly import assemble
     from engine.config import load_config
     from engine.distributed import init_distributed, shutdown
     from engine.generate import generate
-    from engine.main import prepare_pipeline, resolve_model_path
     from engine.offline import request_from_spec
+    from engine.startup import resolve_model_path
 
     cfg = load_config(argv)
-    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s, cfg.pin_cpu_cores)
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     try:
-        pipe = prepare_pipeline(cfg, ctx, resolve_model_path(cfg))
+        served = assemble(cfg, ctx, resolve_model_path(cfg))
+        pipe = served.pipe
         runs = []
         for round_ in range(repeat):
             for i, (width, height, frames) in enumerate(SIZES):
@@ -71,7 +73,8 @@ def child(argv: list[str], repeat: int) -> dict:
                 runs.append({"seconds": time.perf_counter() - start,
                              "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
                              "rss_mib": status_mib("VmRSS")})
-        return {"kept": cfg.keep_freed_cpu_memory, "allocator": pipe.wanserve_info["cpu_allocator"],
+        return {"kept": cfg.cpu.keep_freed_memory,
+                "allocator": served.info["cpu_tuning"]["allocator"],
                 "runs": runs, "peak_mib": status_mib("VmHWM")}
     finally:
         shutdown()
@@ -80,7 +83,7 @@ def child(argv: list[str], repeat: int) -> dict:
 def run_child(args: argparse.Namespace, keep: bool) -> dict:
     cmd = [str(REPO / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc-per-node", "1",
            __file__, "--child", "--repeat", str(args.repeat), "--config", str(args.config),
-           "--set", f"memory.keep_freed_cpu_memory={str(keep).lower()}"]
+           "--set", f"cpu.keep_freed_memory={str(keep).lower()}"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True)
     if proc.returncode != 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,42 @@ class Limits:
     require_image: bool = True
 
 
+@dataclass(frozen=True)
+class CpuSettings:
+    """The `cpu:` section: the CPU test vehicle (engine/cpu/), ignored on GPUs."""
+
+    tuning: bool = True  # false: none of it, the plain (correct, slower) CPU path
+    shared_memory: bool = True  # ranks on one host exchange through /dev/shm, not gloo
+    keep_freed_memory: bool = True  # malloc never hands freed memory back
+
+
+# keys of the presets before the `cpu:` section: (section, key) -> cpu key, or None if gone
+_OLD_CPU_KEYS = {
+    ("parallel", "cpu_shared_memory"): "shared_memory",
+    ("memory", "keep_freed_cpu_memory"): "keep_freed_memory",
+    ("parallel", "pin_cpu_cores"): None,
+}
+
+
+def _cpu_settings(tree: dict) -> CpuSettings:
+    section = dict(tree.get("cpu") or {})
+    for (old_section, old_key), new_key in _OLD_CPU_KEYS.items():
+        if old_key not in (tree.get(old_section) or {}):
+            continue
+        value = tree[old_section][old_key]
+        if new_key is None:
+            warnings.warn(f"{old_section}.{old_key} is no longer used; remove it",
+                          FutureWarning, stacklevel=3)
+            continue
+        warnings.warn(f"{old_section}.{old_key} is deprecated: use cpu.{new_key}",
+                      FutureWarning, stacklevel=3)
+        section.setdefault(new_key, value)
+    unknown = set(section) - set(CpuSettings.__dataclass_fields__)
+    if unknown:
+        raise SystemExit(f"unknown key(s) in the cpu: section: {', '.join(sorted(unknown))}")
+    return CpuSettings(**{key: bool(value) for key, value in section.items()})
+
+
 @dataclass
 class ServerConfig:
     model: str
@@ -50,10 +87,8 @@ class ServerConfig:
     limits: Limits
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
-    pin_cpu_cores: bool = True  # CPU ranks: each local rank on its own share of the cores
-    cpu_shared_memory: bool = True  # CPU ranks on one host: exchanges through /dev/shm, not gloo
     offload_inactive_expert: bool = False
-    keep_freed_cpu_memory: bool = True  # CPU ranks: malloc never hands freed memory back
+    cpu: CpuSettings = field(default_factory=CpuSettings)
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
@@ -139,11 +174,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
-        pin_cpu_cores=bool(parallel.get("pin_cpu_cores", True)),
-        cpu_shared_memory=bool(parallel.get("cpu_shared_memory", True)),
         offload_inactive_expert=bool(args.offload_inactive_expert
                                      or memory.get("offload_inactive_expert")),
-        keep_freed_cpu_memory=bool(memory.get("keep_freed_cpu_memory", True)),
+        cpu=_cpu_settings(tree),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),
         data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -21,7 +20,6 @@ import torch.distributed as dist
 from engine import xfuser_compat
 from engine.layout import ParallelLayout
 
-log = logging.getLogger("wanserve.engine")
 
 IDLE_TIMEOUT = timedelta(days=30)
 
@@ -35,6 +33,7 @@ class DistContext:
     layout: ParallelLayout
     control_group: object
     step_group: object
+    collective_timeout_s: float
 
     @property
     def is_driver(self) -> bool:
@@ -64,54 +63,12 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def ranks_have_own_cores() -> bool:
-    """Every rank of the job on this host can have a core to itself; only then does a rank gain
-    by busy-waiting for a peer or by idling its helper threads (engine/shm_transport.py,
-    engine/gloo_threads.py): with more ranks than cores, it would take the core from a peer."""
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    local_world_size = int(local) if local else dist.get_world_size()
-    return local_world_size <= (os.cpu_count() or 1)
-
-
-def pin_to_core_share(local_rank: int, local_world_size: int) -> list[int] | None:
-    """Keep this rank on its own share of the cores it may use: local rank r of n gets the
-    r-th of n equal, disjoint slices of its affinity mask (so taskset or a cgroup still decide
-    which cores the job has). None, and nothing changed, with fewer cores than ranks.
-
-    Without it, a rank waking from a collective may be placed on the core its peer is
-    computing on until the scheduler moves one of them. On the 2-core CPU machine the measured
-    effect on a whole forward is within that machine's noise (BENCHMARKS.md "Component by
-    component"). Applied to every thread the process already has (an OpenMP pool may exist by
-    now); threads started later inherit it.
-    """
-    if local_world_size < 2 or not hasattr(os, "sched_setaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    share = len(cores) // local_world_size
-    if share == 0:
-        return None
-    mine = cores[local_rank * share:(local_rank + 1) * share]
-    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
-    for tid in threads:
-        try:
-            os.sched_setaffinity(int(tid), mine)
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
-    return mine
-
-
-def init_distributed(layout: ParallelLayout, collective_timeout_s: float,
-                     pin_cpu_cores: bool = False) -> DistContext:
+def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> DistContext:
     xfuser_compat.apply()
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
     rank, world_size, local_rank = env_world()
     use_cuda = torch.cuda.is_available()
-    if pin_cpu_cores and not use_cuda:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        cores = pin_to_core_share(local_rank, local_world_size)
-        if cores is not None:
-            log.info("rank %d pinned to cores %s", rank, ",".join(map(str, cores)))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -133,7 +90,8 @@ def init_distributed(layout: ParallelLayout, collective_timeout_s: float,
     xfuser_compat.bind_yunchang_groups()
     control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     step_group = dist.new_group(backend="gloo", timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device, layout, control_group, step_group)
+    return DistContext(rank, world_size, local_rank, device, layout, control_group, step_group,
+                       collective_timeout_s)
 
 
 def broadcast_message(ctx: DistContext, message=None):

@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
-from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -37,7 +37,7 @@ _STOP = object()
 
 
 class Engine:
-    def __init__(self, ctx: DistContext, load: Callable[[], WanServePipeline],
+    def __init__(self, ctx: DistContext, load: Callable[[], ServedModel],
                  events: EngineEvents, max_queue: int, job_timeout_s: float):
         self.ctx = ctx
         self._load = load
@@ -84,14 +84,14 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            pipe = self._load()
+            model = self._load()
             ready_barrier(self.ctx)
         except Exception as exc:
             log.exception("engine failed to start")
             self._fail(f"engine failed to start: {exc}")
             return
-        self.info = getattr(pipe, "wanserve_info", {})
-        self.offload = getattr(pipe, "expert_offload", None)
+        self.info = model.info
+        self.offload = model.offload
         self.state = "ready"
         log.info("engine ready")
         while True:
@@ -107,10 +107,10 @@ class Engine:
             if self._take_cancel(item.job_id):
                 self._events.on_cancelled(item.job_id)
                 continue
-            if not self._run_job(pipe, item):
+            if not self._run_job(model, item):
                 return
 
-    def _run_job(self, pipe: WanServePipeline, request: GenerationRequest) -> bool:
+    def _run_job(self, model: ServedModel, request: GenerationRequest) -> bool:
         job_id = request.job_id
         deadline = time.monotonic() + self._job_timeout_s
         self.current_job = job_id
@@ -118,7 +118,7 @@ class Engine:
             broadcast_message(self.ctx, request)
             self._events.on_started(job_id)
             result = run_request(
-                self.ctx, pipe, request,
+                self.ctx, model, request,
                 progress=lambda done, total: self._events.on_progress(job_id, done, total),
                 cancelled=lambda: (self._stopping or job_id in self._cancelled
                                    or time.monotonic() > deadline),
@@ -140,7 +140,7 @@ class Engine:
             self.current_job = None
             self._take_cancel(job_id)
         try:
-            end_of_job(self.ctx)
+            end_of_job(self.ctx, model)
         except Exception as exc:
             log.error("a rank did not reach the end of job %s: %s", job_id, exc)
             self._fail(f"a rank died or stopped responding: {exc}")

@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 
+from engine.assembly import assemble
 from engine.config import ServerConfig, load_config
 from engine.distributed import broadcast_message, init_distributed, ready_barrier, shutdown
-from engine.main import prepare_pipeline, resolve_model_path, setup_logging
 from engine.request import GenerationRequest
+from engine.startup import resolve_model_path, setup_logging
 
 
 def synthetic_image(width: int, height: int, seed: int) -> np.ndarray:
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the list this many times")
     ours, rest = parser.parse_known_args(argv)
     cfg = load_config(rest)
-    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s, cfg.pin_cpu_cores)
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     setup_logging(cfg.log_level, ctx.rank)
     try:
-        from engine.worker import run_request
+        from engine.worker import end_of_job, run_request
 
         start = time.perf_counter()
-        pipe = prepare_pipeline(cfg, ctx, resolve_model_path(cfg))
+        model = assemble(cfg, ctx, resolve_model_path(cfg))
         ready_barrier(ctx)
         load_s = time.perf_counter() - start
         with open(ours.requests) as f:
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     request = request_from_spec(f"offline-{round_}-{index}", spec, cfg)
                 request = broadcast_message(ctx, request)
                 t0 = time.perf_counter()
-                result = run_request(ctx, pipe, request)
+                result = run_request(ctx, model, request)
+                end_of_job(ctx, model)
                 if ctx.is_driver:
                     results[f"frames_{index}"] = result.frames
                     timings.append({"index": index, "round": round_,

@@ -1,9 +1,9 @@
-"""Keep one Wan2.2 expert on the accelerator and the other in CPU memory.
+"""Placing the model on the device, with the inactive Wan2.2 expert optionally kept in CPU memory.
 
 Wan2.2-I2V-A14B runs its high-noise expert (`transformer`) for the steps above the boundary
 and its low-noise expert (`transformer_2`) after it: never both at once. Two 14B experts in
-bf16 are ~57 GB; with this on, one is resident (~28.6 GB) and the switch costs one move of each
-expert per request (and one back at the start of the next), so 480p fits one 80 GB card.
+bf16 are ~57 GB; with offload on, one is resident (~28.6 GB) and the switch costs one move of
+each expert per request (and one back at the start of the next), so 480p fits one 80 GB card.
 
 The move happens in a forward pre-hook on each expert, so whichever expert the pipeline calls
 is made resident first, whatever the boundary or step count.
@@ -45,3 +45,17 @@ class ExpertOffload:
             self.swaps += 1
             log.info("expert swap: %s resident (%.2fs)", name, time.perf_counter() - start)
         self.resident = name
+
+
+def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool
+                    ) -> tuple[dict, ExpertOffload | None]:
+    """Move every component to `device`; with offload, the experts are left to ExpertOffload,
+    which keeps only the one in use there. Returns what it did (for /health) and the offload."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and not (offload_inactive_expert
+                                                           and name in EXPERTS):
+            component.to(device)
+    if not offload_inactive_expert:
+        return {"device": str(device), "experts": "both resident"}, None
+    return ({"device": str(device), "experts": "one resident, the other in CPU memory"},
+            ExpertOffload(pipe, device))

@@ -50,10 +50,9 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
         return view
 
 
-def load_pipeline(model_path: Path, device: torch.device, dtype: torch.dtype,
-                  keep_on_cpu: tuple[str, ...] = ()) -> WanServePipeline:
-    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too); the
-    components named in `keep_on_cpu` never visit the device here."""
+def load_pipeline(model_path: Path, dtype: torch.dtype) -> tuple[WanServePipeline, dict]:
+    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too) into host
+    memory; returns it and what was loaded (for /health)."""
     start = time.perf_counter()
     experts = {
         name: WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype)
@@ -63,13 +62,11 @@ def load_pipeline(model_path: Path, device: torch.device, dtype: torch.dtype,
     # the VAE is small next to the experts; float32 keeps encode and decode precise
     vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
     pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae, **experts)
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and name not in keep_on_cpu:
-            component.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.stage_times = {}
-    log.info("loaded %s in %.1fs (%s, %s)", model_path, time.perf_counter() - start, device, dtype)
-    return pipe
+    seconds = time.perf_counter() - start
+    log.info("loaded %s in %.1fs (%s)", model_path, seconds, dtype)
+    return pipe, {"path": str(model_path), "experts": len(experts), "seconds": round(seconds, 2)}
 
 
 def num_attention_heads(model_path: Path) -> int:

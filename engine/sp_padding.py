@@ -9,8 +9,9 @@ SP degree and lets the padded keys take part in self-attention, so the output dr
 - Ring (any Ulysses degree): each ring rank holds one contiguous block of keys, and only the
   trailing blocks contain padding. When there is padding, `ring_attn` is replaced by a plain
   ring loop that slices each block to its valid keys and merges by log-sum-exp; without
-  padding xfuser's own ring attention runs unchanged, except where the CPU ranks exchange
-  through shared memory (engine/shm_transport.py): there the same loop passes the blocks.
+  padding xfuser's own ring attention runs unchanged, except where a transport for the ring
+  group was handed in (`use_ring_channels`; the CPU test vehicle's shared memory): there the
+  same loop passes the blocks through it.
 
 Layout facts used (yunchang's `use_ulysses_low` groups inside xfuser's contiguous SP group):
 sp_rank = ring_rank * ulysses_degree + ulysses_rank, and xfuser chunks the sequence by
@@ -22,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from engine import xfuser_compat
-from kernels import shm_exchange
 
 xfuser_compat.apply()
 
@@ -38,6 +38,19 @@ from xfuser.model_executor.models.transformers.transformer_wan import (  # noqa:
 
 RING_VALID_KEY = "wanserve_ring_valid"
 _xfuser_ring_attn = usp.ring_attn
+# (group, tensor) -> a channel with `post_shift(kv)` for passing ring blocks, or None
+_ring_channel_for = None
+
+
+def use_ring_channels(channel_for) -> None:
+    """Pass ring attention's key/value blocks through `channel_for(group, tensor)`'s channel
+    where it gives one (torch.distributed elsewhere)."""
+    global _ring_channel_for
+    _ring_channel_for = channel_for
+
+
+def _ring_channel(group, tensor):
+    return _ring_channel_for(group, tensor) if _ring_channel_for is not None else None
 
 
 def ring_block_valid_lengths(seq_len: int, ulysses: int, ring: int) -> list[int]:
@@ -91,7 +104,7 @@ def _masked_ring_attention(attention_function, query, key, value, valid, group):
     send_to = dist.get_global_rank(group, (me + 1) % ring)
     recv_from = dist.get_global_rank(group, (me - 1) % ring)
     kv = torch.stack([key, value]).contiguous()
-    channel = shm_exchange.channel_for(group, kv)
+    channel = _ring_channel(group, kv)
     out = lse = None
     for step in range(ring):
         receive = None
@@ -127,7 +140,7 @@ def ring_attn(attention_function, query, key, value, dropout_p=0.0, is_causal=Fa
               joint_attn_kwargs=None, attention_kwargs=None):
     valid = (attention_kwargs or {}).get(RING_VALID_KEY)
     group = usp.PROCESS_GROUP.RING_PG
-    if valid is None and shm_exchange.channel_for(group, key) is not None:
+    if valid is None and _ring_channel(group, key) is not None:
         valid = [key.shape[-2]] * dist.get_world_size(group)  # no padding: every key counts
     if valid is None or joint_attn_kwargs is not None or is_causal or dropout_p:
         return _xfuser_ring_attn(attention_function, query, key, value, dropout_p, is_causal,

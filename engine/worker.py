@@ -4,20 +4,17 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch.distributed as dist
-
+from engine.assembly import ServedModel
 from engine.distributed import DistContext, agree, broadcast_message
 from engine.generate import generate
-from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
-from kernels import shm_exchange
 
 log = logging.getLogger("wanserve.engine")
 
 Progress = Callable[[int, int], None]
 
 
-def run_request(ctx: DistContext, pipe: WanServePipeline, request: GenerationRequest,
+def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
                 progress: Progress | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
     """Runs on every rank; returns the frames on rank 0, None elsewhere.
@@ -32,12 +29,11 @@ def run_request(ctx: DistContext, pipe: WanServePipeline, request: GenerationReq
         return agree(ctx, cancelled() if ctx.is_driver else False)
 
     # a sharded VAE decodes on every rank together; otherwise only rank 0 needs the frames
-    result = generate(pipe, request, on_step,
-                      decode=ctx.is_driver or getattr(pipe, "parallel_vae", False))
+    result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded)
     return result if ctx.is_driver else None
 
 
-def worker_loop(ctx: DistContext, pipe: WanServePipeline) -> None:
+def worker_loop(ctx: DistContext, model: ServedModel) -> None:
     """Ranks != 0: receive → stop if told → generate, until shutdown."""
     while True:
         message = broadcast_message(ctx)
@@ -45,20 +41,17 @@ def worker_loop(ctx: DistContext, pipe: WanServePipeline) -> None:
             log.info("rank %d: shutdown (%s)", ctx.rank, message.reason)
             return
         try:
-            run_request(ctx, pipe, message)
+            run_request(ctx, model, message)
         except JobCancelled:
             log.info("rank %d: job %s cancelled", ctx.rank, message.job_id)
         except Exception as exc:  # rank 0 reports it; the ranks stay in step for the next job
             log.error("rank %d: job %s failed: %s", ctx.rank, message.job_id, exc)
-        end_of_job(ctx)
+        end_of_job(ctx, model)
 
 
-def end_of_job(ctx: DistContext) -> None:
+def end_of_job(ctx: DistContext, model: ServedModel) -> None:
     """One sync point after every job that all ranks must reach. A rank that died or is
     stuck makes it raise (the step channel has a bounded timeout): the engine is broken."""
     agree(ctx, False)
-    if shm_exchange.any_channel():
-        # a job that failed on one rank may have left the ranks at different exchanges
-        dist.barrier(group=ctx.step_group)  # every rank is past the job's last exchange
-        shm_exchange.reset_all()
-        dist.barrier(group=ctx.step_group)  # and nobody starts the next one before all reset
+    if model.after_job is not None:
+        model.after_job()

@@ -1,4 +1,4 @@
-"""engine/cpu_memory.py: after keep_freed_memory(), a step that makes the same large
+"""engine/cpu/memory.py: after keep_freed_memory(), a step that makes the same large
 temporaries over and over reuses pages already mapped; without it glibc unmaps or trims them
 on free and each step faults them in again. Each case runs in a fresh interpreter, since
 mallopt's settings are process-wide."""
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, resource, sys, torch
-from engine.cpu_memory import keep_freed_memory
+from engine.cpu.memory import keep_freed_memory
 accepted = keep_freed_memory() if sys.argv[1] == "keep" else None
 
 def faults():
@@ -59,4 +59,4 @@ def test_without_it_every_step_faults_its_temporaries_in_again():
 
 def test_health_reports_the_allocator(server):
     health = requests.get(server.url + "/health", timeout=5).json()
-    assert health["cpu_allocator"] == "freed memory kept in the process"
+    assert health["cpu_tuning"]["allocator"] == "freed memory kept in the process"

@@ -45,9 +45,11 @@ def single_rank(tmp_path_factory):
 # The VAE is sharded by rows across all ranks by default (distvae, oneDNN convolutions on CPU);
 # one case keeps it on rank 0 alone.
 VAE_ON_RANK_0 = ("--set", "parallel.vae=false")
-# CPU ranks exchange through shared memory by default (engine/shm_transport.py); one case
+# CPU ranks exchange through shared memory by default (engine/cpu/shm_transport.py); one case
 # keeps every exchange on gloo.
-GLOO_ONLY = ("--set", "parallel.cpu_shared_memory=false")
+GLOO_ONLY = ("--set", "cpu.shared_memory=false")
+# Without the CPU test vehicle (engine/cpu/) a CPU server is still exact, only slower.
+NO_CPU_TUNING = ("--set", "cpu.tuning=false")
 
 
 @pytest.mark.parametrize("nproc,flags", [
@@ -58,7 +60,8 @@ GLOO_ONLY = ("--set", "parallel.cpu_shared_memory=false")
     (4, ("--ulysses", "2", "--cfg", "2")),
     (4, ("--ulysses", "2", "--ring", "2")),
     (4, ("--ulysses", "2", "--ring", "2", *GLOO_ONLY)),
-], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2", "U2R2-gloo"])
+    (2, ("--ulysses", "2", *NO_CPU_TUNING)),
+], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2", "U2R2-gloo", "U2-no-cpu-tuning"])
 def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
     parallel = run_layout(tmp_path, nproc, *flags)
     assert parallel.keys() == single_rank.keys()
@@ -82,7 +85,7 @@ def test_outputs_are_not_trivial(single_rank):
 ])
 def test_invalid_layout_is_refused_before_loading(flags, world_size, message):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": world_size, "RANK": "0"}
-    proc = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "engine.main", *flags],
+    proc = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "api.main", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr

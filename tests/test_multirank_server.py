@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -41,33 +40,8 @@ def test_health_reports_the_parallel_layout(server2):
     assert health["parallel"]["transformer"] == "sequence-parallel"
     assert health["parallel"]["vae_encode"] == health["parallel"]["vae_decode"] \
         == "sharded over 2 ranks"
-    assert health["parallel"]["exchanges"] == ("shared memory (ulysses, sequence-parallel, "
-                                               "vae), gloo for the rest")
-
-
-def test_each_rank_and_all_its_threads_keep_to_their_own_cores(server2):
-    cores = sorted(os.sched_getaffinity(server2.proc.pid))
-    share = len(cores) // 2
-    ranks = rank_pids(server2.proc.pid)
-    assert sorted(ranks) == [0, 1]
-    for rank, pid in ranks.items():
-        expected = set(cores[rank * share:(rank + 1) * share])
-        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
-        assert len(threads) > 1  # gloo's threads, Sanic's on rank 0
-        for tid in threads:
-            assert os.sched_getaffinity(tid) == expected, (rank, tid)
-
-
-def test_gloo_event_loop_threads_yield_to_the_ranks_compute(server2):
-    """Shared memory carries the large exchanges, so gloo's idle-waking loop threads run at
-    SCHED_IDLE; the requests below then go through gloo's broadcasts with them at that."""
-    for rank, pid in rank_pids(server2.proc.pid).items():
-        policies = {}
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            policies.setdefault(name, set()).add(os.sched_getscheduler(int(tid)))
-        assert policies.get("gloo_tcp_loop") == {os.SCHED_IDLE}, (rank, policies)
-        assert os.sched_getscheduler(pid) == os.SCHED_OTHER, rank  # the rank's main thread
+    assert health["parallel"]["exchanges"] == "gloo"
+    assert health["cpu_tuning"]["shared_memory"] == "ulysses, sequence-parallel, vae"
 
 
 def test_three_sequential_requests_of_different_sizes(server2):

@@ -12,7 +12,7 @@ def test_offloaded_experts_swap_at_the_boundary_and_change_nothing(server, tmp_p
     offloaded = start_server(tmp_path, "--offload-inactive-expert")
     try:
         health = requests.get(offloaded.url + "/health", timeout=5).json()
-        assert health["experts"] == "one resident, the other in CPU memory"
+        assert health["placement"]["experts"] == "one resident, the other in CPU memory"
         assert health["expert_swaps"] == 0
         # 4 steps, boundary 0.875: high-noise expert first, one swap to the low-noise expert
         first = decode_frames(video_of(create(offloaded)))

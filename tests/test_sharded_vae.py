@@ -1,8 +1,8 @@
 """The tiny model's VAE sharded by rows over two real ranks decodes and encodes exactly what
 one unsharded VAE does, including bands of different heights and a band one latent row high:
-the overlapped halo exchange (kernels/cpu_sharded_conv.py) and the row-sharded mid-block
-attention (kernels/sharded_vae_attention.py), with the ranks exchanging over gloo and over
-shared memory (engine/shm_transport.py: our halos, distvae's halos and all-gathers).
+the overlapped halo exchange (engine/cpu/sharded_conv.py) and the row-sharded mid-block
+attention (engine/cpu/vae_attention.py), with the ranks exchanging over gloo and over
+shared memory (engine/cpu/shm_transport.py: our halos, distvae's halos and all-gathers).
 
 The check runs as this file under torchrun (two processes); rank 0 prints the result.
 """
@@ -50,9 +50,9 @@ def _check() -> dict:
     from distvae.vae import parallel as distvae_parallel
 
     from engine.tiny_model import ensure_tiny_model
-    from kernels.cpu_kernels import use_fast_cpu_kernels, use_onednn_in_distvae
-    from kernels.cpu_sharded_conv import use_overlapped_halos
-    from kernels.sharded_vae_attention import shard_vae_attention
+    from engine.cpu.vae_kernels import use_fast_cpu_kernels, use_onednn_in_distvae
+    from engine.cpu.sharded_conv import use_overlapped_halos
+    from engine.cpu.vae_attention import shard_vae_attention
 
     dist.init_process_group("gloo")
     try:
@@ -66,7 +66,7 @@ def _check() -> dict:
         attention_blocks = shard_vae_attention(vae)
         routed = []
         if sys.argv[1] == "shm":
-            from engine import shm_transport
+            from engine.cpu import shm_transport
 
             routed = shm_transport.enable(60.0, {"vae": dist.group.WORLD})
         generator = torch.Generator().manual_seed(0)

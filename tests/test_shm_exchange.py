@@ -1,4 +1,4 @@
-"""kernels/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
+"""engine/cpu/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
 exchanges of changing sizes, dtypes and strides (both halves of each rank's file reused), with
 three ranks (a middle rank has two neighbours); a hung peer ends a wait at the timeout and a dead
 one at once, each with a clear error.
@@ -46,7 +46,7 @@ def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
     """Docker gives a container 64 MiB of /dev/shm: channels get smaller, not refused."""
     import types
 
-    from kernels import shm_exchange
+    from engine.cpu import shm_exchange
 
     def free(nbytes):
         monkeypatch.setattr(shm_exchange.os, "statvfs",
@@ -62,8 +62,8 @@ def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
     assert shm_exchange._affordable(16 << 20, 2) < shm_exchange.MIN_CAPACITY
 
 
-def test_spinning_and_idle_gloo_threads_only_where_ranks_have_their_own_cores(monkeypatch):
-    from engine.distributed import ranks_have_own_cores
+def test_spinning_only_where_ranks_have_their_own_cores(monkeypatch):
+    from engine.cpu.shm_transport import ranks_have_own_cores
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -76,7 +76,7 @@ def _match() -> dict:
     import torch
     import torch.distributed as dist
 
-    from kernels import shm_exchange
+    from engine.cpu import shm_exchange
 
     channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=60,
                                         spin=False)
@@ -137,7 +137,7 @@ def _faults() -> dict:
     import torch
     import torch.distributed as dist
 
-    from kernels import shm_exchange
+    from engine.cpu import shm_exchange
 
     channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=1.5,
                                         spin=False)

@@ -14,7 +14,7 @@ mapped.
 `keep_freed_memory()` turns both off: large blocks come from the heap like small ones, and the
 heap never shrinks. The price is memory: resident memory stays at the high-water mark instead
 of falling back between requests (~20 % more between requests on the tiny model; both figures
-from benchmarks/cpu_memory.py, BENCHMARKS.md). `memory.keep_freed_cpu_memory: false` turns it
+from benchmarks/cpu_memory.py, BENCHMARKS.md). `cpu.keep_freed_memory: false` turns it
 off.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""kernels/cpu_kernels.py: the tiny model's VAE and transformer with the CPU kernels swapped in
+"""engine/cpu/vae_kernels.py: the tiny model's VAE and transformer with the CPU kernels swapped in
 compute what they computed before, and the slow aten kernels are really gone from the trace."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ xfuser_compat.apply()
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 
 from engine.tiny_model import ensure_tiny_model  # noqa: E402
-from kernels.cpu_kernels import use_fast_cpu_kernels  # noqa: E402
+from engine.cpu.vae_kernels import use_fast_cpu_kernels  # noqa: E402
 
 
 def aten_ops(fn) -> set[str]:

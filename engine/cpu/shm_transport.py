@@ -2,16 +2,15 @@
 
 Written for xfuser 0.7.0 (yunchang's Ulysses group, `GroupCoordinator.all_gather`) and torch
 2.13.0's gloo; CPU only, the CUDA path never calls `enable`. The transport itself is
-`kernels/shm_exchange.py`; this module decides which exchanges use it:
+`engine/cpu/shm_exchange.py`; this module decides which exchanges use it:
 
 - Ulysses: the all-to-alls before and after each self-attention (xfuser's
-  `usp._sdpa_all_to_all_single`, and its `_ft_c_input_all_to_all` / `_ft_c_output_all_to_all`
-  with their permutes folded into the copies through shared memory);
+  `usp._sdpa_all_to_all_single`);
 - ring attention: passing each block of keys and values to the next rank
-  (`engine/sp_padding.py` runs its own ring loop when a channel exists);
+  (`engine/sp_padding.py` runs its own ring loop over the channel `enable` hands it);
 - xfuser's all-gathers (the sequence-parallel output of every forward, CFG parallel's two
   noise predictions): `GroupCoordinator.all_gather`;
-- the sharded VAE's halo rows (`kernels/cpu_sharded_conv.py`) and distvae's all-gathers.
+- the sharded VAE's halo rows (`engine/cpu/sharded_conv.py`) and distvae's all-gathers.
 
 One channel per distinct set of ranks: groups with the same members (at Ulysses 2 the Ulysses,
 sequence-parallel and world groups) share it, which is safe because every member issues the
@@ -21,13 +20,13 @@ capacity, or any group without a channel, goes through gloo as before.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
-from engine import xfuser_compat
-from engine.distributed import ranks_have_own_cores
-from kernels import shm_exchange
+from engine import sp_padding, xfuser_compat
+from engine.cpu import shm_exchange
 
 xfuser_compat.apply()
 
@@ -40,8 +39,6 @@ log = logging.getLogger("wanserve.engine")
 CAPACITY = 16 << 20  # bytes per exchange and rank; each rank's file holds two of these
 
 _xfuser_all_to_all = usp._sdpa_all_to_all_single
-_xfuser_input_all_to_all = usp._ft_c_input_all_to_all
-_xfuser_output_all_to_all = usp._ft_c_output_all_to_all
 _xfuser_all_gather = GroupCoordinator.all_gather
 _distvae_exchange_halo = None  # set by enable()
 MAX_HALO_ROWS = 8
@@ -52,39 +49,6 @@ def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     if channel is None:
         return _xfuser_all_to_all(x)
     return channel.all_to_all(x)
-
-
-def _input_all_to_all(x: torch.Tensor) -> torch.Tensor:
-    """xfuser's `_ft_c_input_all_to_all`: [b, h, s, d] (all heads of this rank's s tokens) to
-    [b, h/P, P*s, d] (this rank's heads of every token), the same bytes exchanged. xfuser
-    permutes into a contiguous copy, exchanges, and permutes into another; here the copy into
-    shared memory reads the caller's strided query/key/value and the copy out writes the final
-    layout, two copies fewer."""
-    channel = shm_exchange.channel_for(usp.PROCESS_GROUP.ULYSSES_PG, x)
-    if channel is None or x.dim() != 4 or x.shape[1] % channel.world:
-        return _xfuser_input_all_to_all(x)
-    world = channel.world
-    b, h, s, d = x.shape
-    out = torch.empty(b, h // world, world, s, d, dtype=x.dtype)
-    channel.all_to_all_views(x.unflatten(1, (world, h // world)).permute(1, 2, 0, 3, 4),
-                             out.permute(2, 1, 0, 3, 4))
-    return out.view(b, h // world, world * s, d)
-
-
-def _output_all_to_all(x: torch.Tensor) -> torch.Tensor:
-    """xfuser's `_ft_c_output_all_to_all`: [b, h/P, P*s, d] back to [b, h, s, d], the same bytes
-    exchanged. The result is laid out as [b, s, h, d] in memory, so the attention processor's
-    `transpose(1, 2).flatten(2, 3)` right after it copies nothing."""
-    channel = shm_exchange.channel_for(usp.PROCESS_GROUP.ULYSSES_PG, x)
-    if channel is None or x.dim() != 4 or x.shape[2] % channel.world:
-        return _xfuser_output_all_to_all(x)
-    world = channel.world
-    b, heads, tokens, d = x.shape
-    s = tokens // world
-    out = torch.empty(b, s, world, heads, d, dtype=x.dtype)
-    channel.all_to_all_views(x.unflatten(2, (world, s)).permute(2, 3, 0, 1, 4),
-                             out.permute(2, 1, 0, 3, 4))
-    return out.view(b, s, world * heads, d).transpose(1, 2)
 
 
 def _all_gather(self: GroupCoordinator, input_: torch.Tensor, dim: int = 0,
@@ -124,7 +88,7 @@ class _DistvaeDistributed:
 def _exchange_halo(input, patch_dim, patch_index, halo_width, prev_bottom_halo_width,
                    next_top_halo_width, parallel_context, halo_buffer=None):
     """distvae 0.1.0's `conv_utils.exchange_halo` (the halos of the convolutions that
-    kernels/cpu_sharded_conv.py leaves to distvae: the encoder's strided ones) through the
+    engine/cpu/sharded_conv.py leaves to distvae: the encoder's strided ones) through the
     channel.
     Halo widths differ between ranks, so whether the channel serves it is decided on one row's
     size, the same on every rank: room for MAX_HALO_ROWS rows each way (Wan's kernels need 2)."""
@@ -152,6 +116,22 @@ def _exchange_halo(input, patch_dim, patch_index, halo_width, prev_bottom_halo_w
         input = input.narrow(patch_dim, -halo_width[0], rows + halo_width[0])
     parts = [part for part in (top, input, bottom) if part is not None]
     return torch.cat(parts, dim=patch_dim) if len(parts) > 1 else input
+
+
+def ranks_have_own_cores() -> bool:
+    """Every rank of the job on this host can have a core to itself; only then does a rank gain
+    by busy-waiting for a peer: with more ranks than cores, it would take the core from one."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    local_world_size = int(local) if local else dist.get_world_size()
+    return local_world_size <= (os.cpu_count() or 1)
+
+
+def resync(step_group) -> None:
+    """After every job, on every rank: a job that failed on one rank may have left the ranks at
+    different exchanges, so all channels go back to their first one together."""
+    dist.barrier(group=step_group)  # every rank is past the job's last exchange
+    shm_exchange.reset_all()
+    dist.barrier(group=step_group)  # and nobody starts the next one before all reset
 
 
 def xfuser_groups() -> dict:
@@ -189,9 +169,8 @@ def enable(timeout_s: float, groups: dict) -> list[str]:
         conv_mixin.exchange_halo = _exchange_halo
     if routed:
         usp._sdpa_all_to_all_single = _all_to_all
-        usp._ft_c_input_all_to_all = _input_all_to_all
-        usp._ft_c_output_all_to_all = _output_all_to_all
         GroupCoordinator.all_gather = _all_gather
+        sp_padding.use_ring_channels(shm_exchange.channel_for)
         log.info("shared-memory exchanges for: %s", ", ".join(routed))
     return routed
 

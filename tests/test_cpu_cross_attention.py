@@ -1,8 +1,8 @@
-"""engine/cross_attention_cache.py: the engine's transformer computes each prompt's
+"""engine/cpu/cross_attention.py: the engine's transformer computes each prompt's
 cross-attention keys and values once, and returns exactly what an uncached transformer returns.
 
 The check runs in a child process (this file as a script) because xfuser's parallel state is
-process-global: a one-rank gloo group, the tiny model, the engine's own prepare_pipeline.
+process-global: a one-rank gloo group, the tiny model, the engine's own assembly.
 """
 from __future__ import annotations
 
@@ -41,18 +41,19 @@ def _check() -> dict:
     change one prompt in place; compare with a transformer loaded without the cache."""
     import torch
 
+    from engine.assembly import assemble
     from engine.config import load_config
     from engine.distributed import init_distributed, shutdown
-    from engine.main import prepare_pipeline, resolve_model_path
     from engine.sp_padding import WanServeTransformer
-    from kernels.cpu_kernels import use_fast_cpu_kernels
+    from engine.startup import resolve_model_path
+    from engine.cpu.vae_kernels import use_fast_cpu_kernels
 
     cfg = load_config(["--model", "tiny"])
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     try:
         model_path = resolve_model_path(cfg)
-        pipe = prepare_pipeline(cfg, ctx, model_path)
-        cached = pipe.transformer
+        served = assemble(cfg, ctx, model_path)
+        cached = served.pipe.transformer
         reference = WanServeTransformer.from_pretrained(model_path, subfolder="transformer")
         use_fast_cpu_kernels(reference)
 
@@ -85,13 +86,13 @@ def _check() -> dict:
                     got = cached(latents, timestep, context, return_dict=False)[0]
                     want = reference(latents, timestep, context, return_dict=False)[0]
                     diff = max(diff, (got - want).abs().max().item())
-        from engine.cross_attention_cache import CachedCrossAttnProcessor
+        from engine.cpu.cross_attention import CachedCrossAttnProcessor
 
         return {
             **counts, "max_abs_diff": diff, "blocks": len(cached.blocks),
             "cached_blocks": sum(isinstance(b.attn2.processor, CachedCrossAttnProcessor)
                                  for b in cached.blocks),
-            "health": pipe.wanserve_info["cross_attention_kv"],
+            "health": served.info["cpu_tuning"]["cross_attention_kv"],
         }
     finally:
         shutdown()

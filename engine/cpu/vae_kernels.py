@@ -2,7 +2,7 @@
 
 Written for torch 2.13.0 (CPU build) and diffusers 0.42.1's `autoencoder_kl_wan`; used only when
 the model runs on CPU. Both replacements compute the same function (max |diff| ~1e-6 in float32,
-checked in tests/test_cpu_kernels.py); only the kernel changes.
+checked in tests/test_cpu_vae_kernels.py); only the kernel changes.
 
 1. 3-D convolution. For a batch-1 float32 input whose N*C*D*H is at most 20480 with a kernel no
    wider than 3 (most of the VAE's convolutions, which run on one latent frame and its two cached

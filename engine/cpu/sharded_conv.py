@@ -2,7 +2,7 @@
 
 Written for distvae 0.1.0 (`WanCausalConv3dAdapter` around a `PatchConv3d`, `Conv2dAdapter`
 around a `PatchConv2d`) and torch 2.13.0; used only on CPU, where shared memory
-(kernels/shm_exchange.py) or gloo moves the halos. distvae's convolution concatenates the
+(engine/cpu/shm_exchange.py) or gloo moves the halos. distvae's convolution concatenates the
 neighbours' rows onto the band (a copy of the whole activation), zero-pads it (another copy),
 convolves two rows more than it keeps and crops them off (a third copy), and waits for the
 halos before it starts. The path below made the 2-rank decode of the benchmark model faster in
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels import shm_exchange
-from kernels.cpu_kernels import onednn_conv, with_causal_frames
+from engine.cpu import shm_exchange
+from engine.cpu.vae_kernels import onednn_conv, with_causal_frames
 
 ROWS = -2  # distvae's normalised patch axis for H (5-D and 4-D tensors alike)
 

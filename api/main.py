@@ -1,0 +1,56 @@
+"""Entry point of every rank (started by torchrun through launch.sh): the rank split.
+
+Rank 0 serves HTTP and drives the engine; every other rank assembles the same model and runs
+the worker loop. It sits here, above both `api` and `engine`, so that imports run one way only:
+api → engine → kernels.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from engine.assembly import assemble
+from engine.config import load_config
+from engine.distributed import (die_with_launcher, env_world, init_distributed, ready_barrier,
+                                shutdown)
+from engine.layout import LayoutError
+from engine.startup import check_layout, resolve_model_path, setup_logging
+
+log = logging.getLogger("wanserve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
+    cfg = load_config(argv)
+    rank, world_size, _ = env_world()
+    setup_logging(cfg.log_level, rank)
+    model_path = resolve_model_path(cfg)
+    try:
+        check_layout(cfg, world_size, model_path)
+    except LayoutError as exc:
+        if rank == 0:
+            log.error("invalid parallel layout: %s", exc)
+        return 2
+    ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
+    try:
+        if ctx.is_driver:
+            from api.server import serve
+
+            return serve(cfg, ctx, lambda: assemble(cfg, ctx, model_path))
+        from engine.worker import worker_loop
+
+        # Stopping is rank 0's call: it finishes or fails the running job and broadcasts
+        # Shutdown, which ends this loop. (torchrun kills a rank that outlives that.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: log.info("rank %d: waiting for rank 0 to stop", rank))
+        model = assemble(cfg, ctx, model_path)
+        ready_barrier(ctx)
+        worker_loop(ctx, model)
+        return 0
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Building the served model on one rank: the same ordered steps on every rank.
+
+    load weights → place on the device → parallel runtime → CPU tuning (CPU only)
+    → what runs where
+
+Adapters, a step cache and compiled blocks go between placing and the parallel runtime, in
+that order. Each step is one function in the module that owns it and returns what it did;
+`/health` shows those reports under the step's name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine import cpu
+from engine.config import ServerConfig
+from engine.distributed import DistContext
+from engine.offload import ExpertOffload, place_on_device
+from engine.parallel import start_parallel_runtime
+from engine.pipeline import WanServePipeline, load_pipeline
+from kernels.attention import select_backend
+
+log = logging.getLogger("wanserve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServedModel:
+    pipe: WanServePipeline
+    info: dict  # what each step did, for /health
+    vae_sharded: bool  # every rank takes part in the VAE encode and decode
+    offload: ExpertOffload | None = None
+    after_job: Callable[[], None] | None = None  # every rank, after every job
+
+
+def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedModel:
+    """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
+    backend = select_backend(ctx.device, cfg.layout.ring)
+    pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype])
+    placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
+    parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
+                                                 backend.xfuser_backend)
+    info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
+            "load": loaded, "placement": placed, "parallel": parallel}
+    after_job = None
+    if ctx.device.type == "cpu":
+        info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
+    if ctx.is_driver:
+        log.info("attention backend: %s; parallel parts: %s", backend.name, parallel)
+    return ServedModel(pipe, info, vae_group is not None, offload, after_job)

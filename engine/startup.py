@@ -1,0 +1,40 @@
+"""What every entry point does on a rank before assembling the model: logging, the model's
+path, and the layout checked against the model before any weight loads."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import ServerConfig
+from engine.pipeline import num_attention_heads
+
+
+def setup_logging(level: str, rank: int) -> None:
+    logging.basicConfig(
+        level=level if rank == 0 else max(logging.getLevelName(level), logging.WARNING),
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("xfuser", "diffusers", "transformers", "sanic.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_model_path(cfg: ServerConfig) -> Path:
+    if cfg.is_tiny:
+        from engine.tiny_model import ensure_tiny_model
+
+        return ensure_tiny_model()
+    path = Path(cfg.model).expanduser()
+    if not (path / "model_index.json").exists():
+        raise SystemExit(f"--model {cfg.model}: no diffusers checkpoint there (model_index.json "
+                         "missing); wanserve never downloads weights")
+    return path
+
+
+def check_layout(cfg: ServerConfig, world_size: int, model_path: Path) -> None:
+    """Raise engine.layout.LayoutError with a message a user can act on."""
+    side = cfg.limits.min_side // 16  # VAE /8, patch /2
+    min_tokens = side * side  # one latent frame at the smallest allowed size
+    cfg.layout.validate(world_size, num_attention_heads(model_path), min_tokens)
+

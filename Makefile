@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: install test serve bench reliability clean
+.PHONY: install test serve bench reliability flash-attn clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,15 @@ reliability: install
 	  "tests/test_http_e2e.py::test_invalid_values_name_the_param" \
 	  "tests/test_http_e2e.py::test_missing_image_unsupported_types_and_oversize" tests/test_images_video.py
 	$(VPY) benchmarks/load_test.py --clients 32 --requests-per-client 3
+
+# Optional, GPU boxes only (docs/gpu.md): flash-attn 2 for the torch already in .venv. Its
+# setup fetches a wheel made for that torch or compiles one (FLASH_ATTENTION_FORCE_BUILD=TRUE
+# always compiles); a wheel made for another torch fails xfuser's import check, unused.
+flash-attn: install
+	@$(VPY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'flash-attn needs a CUDA build of torch')"
+	$(VPY) -m pip install packaging ninja
+	MAX_JOBS=$${MAX_JOBS:-4} $(VPY) -m pip install flash-attn --no-build-isolation
+	$(VPY) -c "from xfuser.envs import PACKAGES_CHECKER as p; print('xfuser sees flash-attn 2:', p.get_packages_info()['has_flash_attn'])"
 
 clean:
 	rm -rf $(VENV) *.egg-info

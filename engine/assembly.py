@@ -40,16 +40,18 @@ class ServedModel:
 
 def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedModel:
     """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
-    backend = select_backend(ctx.device, cfg.layout.ring)
+    backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring)
     pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype])
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
                                                  backend.xfuser_backend)
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
-            "load": loaded, "placement": placed, "parallel": parallel}
+            "attention_reason": backend.reason, "load": loaded, "placement": placed,
+            "parallel": parallel}
     after_job = None
     if ctx.device.type == "cpu":
         info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
     if ctx.is_driver:
-        log.info("attention backend: %s; parallel parts: %s", backend.name, parallel)
+        log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
+                 parallel)
     return ServedModel(pipe, info, vae_group is not None, offload, after_job)

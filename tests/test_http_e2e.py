@@ -187,5 +187,6 @@ def test_models_and_health_report_the_engine(server):
     health = requests.get(server.url + "/health", timeout=5).json()
     assert health["status"] == "ok" and health["parallel"]["world_size"] == 1
     assert health["parallel"]["exchanges"] == "none (one rank)"
+    assert health["attention_backend"] == "cpu-flash" and "log-sum-exp" in health["attention_reason"]
     spec = requests.get(server.url + "/openapi.json", timeout=5).json()
     assert "/v1/videos" in spec["paths"]

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine import xfuser_compat
+from engine.device import gpu_usable
 from engine.layout import ParallelLayout
 
 
@@ -68,7 +69,7 @@ def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> Dis
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
     rank, world_size, local_rank = env_world()
-    use_cuda = torch.cuda.is_available()
+    use_cuda = gpu_usable()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -1,7 +1,8 @@
-"""Make xfuser 0.7.0 import and run on a CPU-only torch build (gloo).
+"""Make xfuser 0.7.0 import and run on the CPU (gloo): a CPU build of torch, or a CUDA build
+with no usable GPU.
 
-Written for xfuser==0.7.0 (yunchang 0.6.4, torch 2.13 CPU). On a CUDA or ROCm build nothing
-here runs: the GPU path is xfuser exactly as shipped. Every workaround is one function below,
+Written for xfuser==0.7.0 (yunchang 0.6.4, torch 2.13). Where a GPU is usable nothing here
+runs: the GPU path is xfuser exactly as shipped. Every workaround is one function below,
 each named after the xfuser behaviour it gets past:
 
 1. `import xfuser` reads `envs.CUDA_VERSION`, which raises on a CPU build: present a CUDA
@@ -20,12 +21,14 @@ import importlib
 
 import torch
 
+from engine.device import gpu_usable
+
 XFUSER_VERSION = "0.7.0"
 _applied = False
 
 
 def needed() -> bool:
-    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+    return not gpu_usable()
 
 
 @contextlib.contextmanager
@@ -36,6 +39,11 @@ def _pretend_cuda_version():
         yield
     finally:
         torch.version.cuda = saved
+
+
+def _as_cpu_build():
+    torch.version.cuda = None
+    torch.version.hip = None
 
 
 def _import_xfuser():
@@ -91,6 +99,7 @@ def apply() -> None:
     if _applied:
         return
     if needed():
+        _as_cpu_build()
         _import_xfuser()
         _enable_long_ctx_attn()
         _register_cpu_flash_attention()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from engine import xfuser_compat
 from engine.device import gpu_usable
+from engine.group_timeouts import groups_created_with
 from engine.layout import ParallelLayout
 
 
@@ -79,15 +80,16 @@ def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> Dis
     timeout = timedelta(seconds=collective_timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
-    init_distributed_environment(rank=rank, world_size=world_size, local_rank=local_rank,
-                                 backend=backend)
-    initialize_model_parallel(
-        classifier_free_guidance_degree=layout.cfg,
-        sequence_parallel_degree=layout.sp,
-        ulysses_degree=layout.ulysses,
-        ring_degree=layout.ring,
-        backend=backend,
-    )
+    with groups_created_with(timeout):
+        init_distributed_environment(rank=rank, world_size=world_size, local_rank=local_rank,
+                                     backend=backend)
+        initialize_model_parallel(
+            classifier_free_guidance_degree=layout.cfg,
+            sequence_parallel_degree=layout.sp,
+            ulysses_degree=layout.ulysses,
+            ring_degree=layout.ring,
+            backend=backend,
+        )
     xfuser_compat.bind_yunchang_groups()
     control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     step_group = dist.new_group(backend="gloo", timeout=timeout)

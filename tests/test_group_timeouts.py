@@ -1,0 +1,54 @@
+"""Every process group of a job has the configured `--collective-timeout`: the world, the step
+channel, and the groups xfuser and yunchang create for Ulysses, ring and CFG parallelism (which
+would otherwise get torch's 30-minute gloo / 10-minute NCCL default). Only the control channel,
+on which idle ranks wait for the next request, has a long one.
+
+Runs as this file under torchrun (U2 x C2 on 4 ranks); rank 0 prints what it found.
+Checked with: `init_distributed` without `groups_created_with` (xfuser's groups report 30 min).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 17.0
+
+
+def test_every_group_has_the_collective_timeout():
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "4", __file__]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["groups"] > 8  # world, xfuser's coordinators (device + cpu), yunchang's, ours
+    assert found["control"] == 30 * 24 * 3600
+    assert found["others"] == [TIMEOUT_S]
+
+
+def _timeouts() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from engine.distributed import init_distributed
+    from engine.layout import ParallelLayout
+
+    ctx = init_distributed(ParallelLayout(ulysses=2, cfg=2), TIMEOUT_S)
+    seconds = {}
+    for group in dist.distributed_c10d._world.pg_map:
+        backend = group._get_backend(torch.device("cpu"))
+        seconds[group] = backend.options._timeout.total_seconds()
+    control = seconds.pop(ctx.control_group)
+    return {"groups": len(seconds) + 1, "control": control,
+            "others": sorted(set(seconds.values()))}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    result = _timeouts()
+    if int(os.environ["RANK"]) == 0:
+        print(json.dumps(result), flush=True)
+    os._exit(0)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One synchronous POST /v1/videos: the call waits until the video is made and answers it as
+# base64 JSON, which is decoded into $OUT. Needs only curl and python3.
+#
+#   ./curl_sync.sh
+#   SERVER=http://gpu-box:8000 IMAGE=me.png PROMPT="a cat yawning" SIZE=832x480 NUM_FRAMES=81 STEPS=40 ./curl_sync.sh
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SERVER="${SERVER:-http://127.0.0.1:8000}"
+IMAGE="${IMAGE:-$here/first_frame.png}"
+PROMPT="${PROMPT:-a lighthouse in a storm, waves crashing}"
+SIZE="${SIZE:-256x144}"          # the tiny model's range; e.g. 832x480 with the A14B 480p preset
+NUM_FRAMES="${NUM_FRAMES:-9}"    # 4k+1
+STEPS="${STEPS:-4}"
+SEED="${SEED:-}"                 # empty: the server picks one and reports it
+OUT="${OUT:-out_sync.mp4}"
+
+fields=(--form-string "prompt=$PROMPT" -F "input_reference=@$IMAGE" -F "size=$SIZE"
+        -F "num_frames=$NUM_FRAMES" -F "num_inference_steps=$STEPS")
+if [ -n "$SEED" ]; then fields+=(-F "seed=$SEED"); fi
+
+body="$(mktemp)"
+trap 'rm -f "$body"' EXIT
+echo "POST $SERVER/v1/videos (waits for the video)..."
+code="$(curl -sS -o "$body" -w '%{http_code}' "$SERVER/v1/videos" "${fields[@]}")"
+
+python3 - "$body" "$code" "$OUT" <<'PY'
+import base64, json, sys
+
+path, code, out = sys.argv[1], sys.argv[2], sys.argv[3]
+raw = open(path, "rb").read()
+try:
+    answer = json.loads(raw)
+except ValueError:
+    sys.exit(f"curl_sync.sh: HTTP {code}, not JSON: {raw[:300]!r}")
+if code != "200" or "data" not in answer:
+    error = answer.get("error") or {}
+    sys.exit(f"curl_sync.sh: HTTP {code}: {error.get('message', raw[:300])}")
+with open(out, "wb") as f:
+    f.write(base64.b64decode(answer["data"][0]["b64_json"]))
+print(f"{out}: {answer['id']} {answer['size']} {answer['num_frames']} frames, seed {answer['seed']}, "
+      f"timings {answer['timings']}")
+PY

@@ -6,7 +6,10 @@ bf16 are ~57 GB; with offload on, one is resident (~28.6 GB) and the switch cost
 each expert per request (and one back at the start of the next), so 480p fits one 80 GB card.
 
 The move happens in a forward pre-hook on each expert, so whichever expert the pipeline calls
-is made resident first, whatever the boundary or step count.
+is made resident first, whatever the boundary or step count. Inference never changes a weight,
+so each expert keeps one host copy of its tensors (pinned on CUDA, for fast copies): making an
+expert resident copies them to the device, and sending it back only points its parameters at
+that copy again, without copying or allocating anything.
 """
 from __future__ import annotations
 
@@ -21,10 +24,17 @@ EXPERTS = ("transformer", "transformer_2")
 
 
 class ExpertOffload:
-    def __init__(self, pipe, compute_device: torch.device, store_device: str = "cpu"):
-        self.compute_device = compute_device
-        self.store_device = torch.device(store_device)
+    def __init__(self, pipe, compute_device: torch.device, copy_to_device=None):
+        self.compute_device = torch.device(compute_device)
+        self._copy_to_device = copy_to_device or (
+            lambda t: t.to(self.compute_device, non_blocking=True))
         self.experts = {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None)}
+        pin = self.compute_device.type == "cuda"
+        self.host = {name: [(t, t.data.pin_memory() if pin else t.data) for t in _tensors(module)]
+                     for name, module in self.experts.items()}
+        for name, tensors in self.host.items():
+            for tensor, copy in tensors:
+                tensor.data = copy
         self.resident: str | None = None
         self.swaps = 0
         for name, module in self.experts.items():
@@ -35,16 +45,21 @@ class ExpertOffload:
         if self.resident == name:
             return
         start = time.perf_counter()
-        for other, module in self.experts.items():
-            if other != name:
-                module.to(self.store_device)
-        self.experts[name].to(self.compute_device)
+        if self.resident is not None:
+            for tensor, copy in self.host[self.resident]:
+                tensor.data = copy
+        for tensor, copy in self.host[name]:
+            tensor.data = self._copy_to_device(copy)
         if self.compute_device.type == "cuda":
             torch.cuda.synchronize(self.compute_device)
         if self.resident is not None:
             self.swaps += 1
             log.info("expert swap: %s resident (%.2fs)", name, time.perf_counter() - start)
         self.resident = name
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool

@@ -1,9 +1,10 @@
 """One request on one rank: the same function runs on every rank of the job.
 
 Steps: per-request pipeline view → encode + denoise (xfuser's pipeline, latents out) →
-VAE decode (rank 0, or every rank when the VAE is sharded) → float frames. Every rank calls
-`on_step` after every denoising step; it reports progress and returns whether the ranks agreed
-to cancel.
+VAE decode (rank 0, or every rank when the VAE is sharded) → float frames (rank 0). Every rank
+calls `on_step` after every denoising step; it reports progress and returns whether the ranks
+agreed to cancel. Stage times are taken after the device has finished the stage's work
+(`stage_clock`), not when the CPU has queued it.
 """
 from __future__ import annotations
 
@@ -20,21 +21,37 @@ from engine.request import GenerationRequest, GenerationResult, JobCancelled
 StepHook = Callable[[int, int], bool]  # (steps done, total) -> cancel?
 
 
+def stage_clock(device: torch.device) -> Callable[[], float]:
+    """`time.perf_counter` once `device` has finished what was queued on it (GPU work is
+    asynchronous: without this a stage's tail would be counted in the next one)."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
 def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHook,
-             decode: bool = True) -> GenerationResult | None:
+             decode: bool = True, frames: bool = True) -> GenerationResult | None:
+    """`decode`: this rank takes part in the VAE decode; `frames`: it also turns the decoded
+    video into frames and returns them (rank 0). Without either it returns None."""
     view = pipe.for_request(request.boundary_ratio, request.flow_shift)
+    clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
-    last = [time.perf_counter()]  # reset after the cancel check so it is not counted
+    last = [clock()]  # reset after the cancel check so it is not counted
 
     def step_end(_pipe, i, _t, callback_kwargs):
-        now = time.perf_counter()
+        now = clock()
         step_times.append(now - last[0])
         if on_step(i + 1, request.num_inference_steps):
             raise JobCancelled(request.job_id)
         last[0] = time.perf_counter()
         return callback_kwargs
 
-    start = time.perf_counter()
+    start = last[0]
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     latents = view(
         image=PIL.Image.fromarray(request.image),
@@ -56,20 +73,26 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     timings["step_mean"] = timings["denoise"] / max(1, len(step_times))
     if not decode:
         return None
-    decode_start = time.perf_counter()
-    frames = decode_latents(view, latents)
-    timings["vae_decode"] = time.perf_counter() - decode_start
-    timings["generate_total"] = time.perf_counter() - start
-    return GenerationResult(frames=frames, timings=timings)
+    decode_start = clock()
+    video = decode_latents(view, latents)
+    if not frames:
+        return None
+    result = to_frames(view, video)
+    timings["vae_decode"] = clock() - decode_start
+    timings["generate_total"] = clock() - start
+    return GenerationResult(frames=result, timings=timings)
 
 
 @torch.no_grad()
-def decode_latents(pipe: WanServePipeline, latents: torch.Tensor) -> np.ndarray:
+def decode_latents(pipe: WanServePipeline, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     latents = latents.to(vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
-    video = vae.decode(latents * std + mean, return_dict=False)[0]
+    return vae.decode(latents * std + mean, return_dict=False)[0]
+
+
+def to_frames(pipe: WanServePipeline, video: torch.Tensor) -> np.ndarray:
     frames = pipe.video_processor.postprocess_video(video, output_type="np")
     return np.asarray(frames[0], dtype=np.float32)

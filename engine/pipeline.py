@@ -21,21 +21,23 @@ log = logging.getLogger("wanserve.engine")
 
 
 class WanServePipeline(xFuserWanImageToVideoPipeline):
-    """xfuser's I2V pipeline, recording how long text and image encoding take."""
+    """xfuser's I2V pipeline, recording how long text and image encoding take (by `clock`,
+    which engine/generate.py sets to one that waits for the device)."""
 
     stage_times: dict
+    clock = staticmethod(time.perf_counter)
 
     def encode_prompt(self, *args, **kwargs):
-        start = time.perf_counter()
+        start = self.clock()
         out = super().encode_prompt(*args, **kwargs)
-        self.stage_times["text_encode"] = time.perf_counter() - start
+        self.stage_times["text_encode"] = self.clock() - start
         return out
 
     def prepare_latents(self, *args, **kwargs):
         """Noise latents and the VAE-encoded condition video."""
-        start = time.perf_counter()
+        start = self.clock()
         out = super().prepare_latents(*args, **kwargs)
-        self.stage_times["image_encode"] = time.perf_counter() - start
+        self.stage_times["image_encode"] = self.clock() - start
         return out
 
     def for_request(self, boundary_ratio: float, flow_shift: float) -> "WanServePipeline":

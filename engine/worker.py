@@ -28,8 +28,9 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
             progress(done, total)
         return agree(ctx, cancelled() if ctx.is_driver else False)
 
-    # a sharded VAE decodes on every rank together; otherwise only rank 0 needs the frames
-    result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded)
+    # a sharded VAE decodes on every rank together; only rank 0 needs the frames
+    result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
+                      frames=ctx.is_driver)
     return result if ctx.is_driver else None
 
 

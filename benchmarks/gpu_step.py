@@ -11,7 +11,12 @@ that imports here (torch SDPA always; flash-attn 2; flash-attn 3), set through d
 FLOP utilisation against a bf16 matmul peak measured in the same run (8192^3, median of 10).
 FLOPs are counted analytically (printed). --layers N < 40 runs a truncated model and scales
 times by 40/N (embedding and head are a negligible share). --device cpu runs the same code as
-a smoke test: its numbers say nothing about a GPU.
+a smoke test: its numbers say nothing about a GPU. A backend that fails (an out-of-memory, a
+kernel refusing the shape, a flash-attn 3 without `return_attn_probs`) is recorded as a failed
+row and the rest still run; the JSON is always written.
+
+It times diffusers' own attention path, not the served one (xfuser's processor and USP, the
+expert switch, the text encoder and VAE): a figure for the kernels, not for wanserve's requests.
 """
 from __future__ import annotations
 
@@ -178,15 +183,20 @@ def main() -> int:
         for name, backend in available_backends(device):
             try:
                 model.set_attention_backend(backend)
-            except (RuntimeError, ValueError) as exc:
+            except Exception as exc:  # a backend diffusers cannot bind here
                 print(f"  {name}: skipped ({exc})")
+                rows.append({"shape": shape, "tokens": tokens, "backend": name,
+                             "error": f"skipped: {type(exc).__name__}: {str(exc)[:200]}"})
                 continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 fwd, cfg = measure(model, latent, device, dtype, args.warmup, args.steps)
-            except (RuntimeError, ValueError) as exc:  # OOM, or a kernel refusing the shape
+            except Exception as exc:  # OOM, a kernel refusing the shape, an FA3 without
+                # return_attn_probs (TypeError): one row fails, the others still run
                 print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                rows.append({"shape": shape, "tokens": tokens, "backend": name,
+                             "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
             s_fwd, s_cfg = statistics.median(fwd) * scale, statistics.median(cfg) * scale
             rows.append({"shape": shape, "tokens": tokens, "backend": name, "s_forward": s_fwd,
@@ -200,6 +210,9 @@ def main() -> int:
     print(f"{'shape':<8}{'tokens':>7}  {'backend':<14}{'s/forward':>10}{'s/CFG step':>11}"
           f"{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<8}{r['tokens']:>7}  {r['backend']:<14}{r['error'][:60]}")
+            continue
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
         print(f"{r['shape']:<8}{r['tokens']:>7}  {r['backend']:<14}{r['s_forward']:>10.4f}"
               f"{r['s_cfg_step']:>11.4f}{r['tflops']:>9.2f}{r['mfu']:>7.1%}{mem:>9}")

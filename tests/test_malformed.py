@@ -6,15 +6,15 @@ through http.client, which sends the request target as given (requests would nor
 `../` away and re-quote)."""
 from __future__ import annotations
 
-import http.client
 import json
 import string
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pytest
 import requests
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+from conftest import assert_client_error, raw_request
 from test_jobs_lifecycle import QUICK, submit
 
 SETTINGS = settings(deadline=None, database=None,
@@ -24,30 +24,6 @@ FIELDS = ["prompt", "seed", "fps", "seconds", "guidance_scale", "num_frames", "s
 # a request that would be accepted, had it an image: any prefix of it is broken JSON
 REQUEST = b'{"prompt": "a lighthouse", "size": "64x64", "num_frames": 5, "seed": 3, "fps": 8}'
 JSON = {"Content-Type": "application/json"}
-
-
-def assert_client_error(status: int, body: bytes, what: str) -> dict:
-    assert 400 <= status < 500, f"{what}: {status} {body[:300]!r}"
-    error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"}, what
-    assert isinstance(error["message"], str) and error["message"], what
-    assert isinstance(error["type"], str) and error["type"], what
-    assert error["param"] is None or isinstance(error["param"], str), what
-    assert error["code"] is None or isinstance(error["code"], str), what
-    return error
-
-
-def raw_request(server, method: str, target: str, headers: dict | None = None,
-                body: bytes | None = None) -> tuple[int, dict, bytes]:
-    """`target` exactly as it goes on the request line."""
-    url = urlsplit(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
 
 
 def post(server, body: bytes, headers: dict) -> requests.Response:

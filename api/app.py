@@ -6,9 +6,12 @@ import hmac
 import json as jsonlib
 import re
 import time
+from urllib.parse import parse_qs
 
 from sanic import Request, Sanic
 from sanic.exceptions import MethodNotAllowed, SanicException
+from sanic.headers import parse_content_header
+from sanic.request.form import parse_multipart_form
 from sanic.response import HTTPResponse, json, raw
 
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
@@ -20,25 +23,65 @@ from engine.config import ServerConfig
 POLL_AFTER_MS = "500"
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_object(body: bytes) -> dict:
+    # JSON is UTF-8 (RFC 8259); json.loads on bytes would also guess UTF-16/32
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the JSON body is not UTF-8: {exc}", code="invalid_json") from None
+    try:
+        value = jsonlib.loads(text or "null", parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the JSON body must be an object", code="invalid_json")
+    return value
+
+
+def _form(body: bytes, ctype: str, params: dict) -> tuple[dict, dict]:
+    """Sanic's request.form logs and swallows parse errors (an empty form, then a misleading
+    "`prompt` is required"), so the form is parsed here and a bad one is named as such."""
+    try:
+        if ctype == "application/x-www-form-urlencoded":
+            return parse_qs(body.decode("utf-8")), {}
+        if not params.get("boundary"):
+            raise ValueError("the Content-Type has no boundary")
+        form, files = parse_multipart_form(body, params["boundary"].encode("utf-8"))
+        return dict(form), dict(files)  # lists; RequestParameters.get gives the first item
+    except (ValueError, LookupError) as exc:  # bad UTF-8, a part without ':', unknown charset
+        raise InvalidRequest(f"the form body cannot be parsed: {exc}", code="invalid_form") from None
+
+
 def _fields_and_image(request: Request) -> tuple[dict, bytes | None]:
-    ctype = (request.content_type or "").split(";")[0].strip().lower()
+    header = request.headers.get("content-type")
+    if header is None:  # request.content_type would say application/octet-stream
+        raise UnsupportedMediaType("no Content-Type; send multipart/form-data or application/json",
+                                   code="unsupported_media_type")
+    ctype, params = parse_content_header(header)
+    body = request.body or b""
     if ctype == "application/json":
-        try:
-            body = jsonlib.loads(request.body or b"null")
-        except ValueError as exc:
-            raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the JSON body must be an object", code="invalid_json")
-        return body, None
+        return _json_object(body), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        fields = {key: values[0] for key, values in request.form.items()}
-        upload = request.files.get("input_reference")
-        if upload is not None:
+        form, files = _form(body, ctype, params)
+        fields = {key: values[0] for key, values in form.items()}
+        uploads = files.get("input_reference")
+        if uploads:
             fields.pop("input_reference", None)
-            return fields, upload.body
+            return fields, uploads[0].body
         return fields, None
-    raise UnsupportedMediaType(f"unsupported Content-Type {ctype or '(none)'!r}; send "
+    raise UnsupportedMediaType(f"unsupported Content-Type {ctype!r}; send "
                                "multipart/form-data or application/json", code="unsupported_media_type")
+
+
+def _range_number(digits: str) -> int | None:
+    # past 18 digits a number is beyond any file (and int() refuses past 4300 digits)
+    return None if digits == "" else int(digits) if len(digits) <= 18 else 10**18
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -46,11 +89,11 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
     if not match or match.group(1) == match.group(2) == "":
         return None  # absent, several ranges, or malformed: the whole file (RFC 9110 allows it)
-    first, last = match.groups()
-    if first == "":
-        start, end = max(0, size - int(last)), size - 1
+    first, last = (_range_number(g) for g in match.groups())
+    if first is None:
+        start, end = max(0, size - last), size - 1
     else:
-        start, end = int(first), (int(last) if last else size - 1)
+        start, end = first, (last if last is not None else size - 1)
     if start >= size or start > end:
         raise APIError("requested range not satisfiable", code="range_not_satisfiable",
                        status=416, headers={"Content-Range": f"bytes */{size}"})

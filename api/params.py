@@ -103,7 +103,9 @@ def _resolve_frames(p: VideoCreateParams, cfg: ServerConfig, fps: int) -> int:
                              code="conflicting_parameters")
     if p.seconds is not None:
         # the nearest 4k+1 to seconds × fps (81 frames for 5 s at 16 fps)
-        frames, param = 4 * max(0, round((p.seconds * fps - 1) / 4)) + 1, "seconds"
+        # capped first: a huge `seconds` makes seconds × fps inf, which round() refuses
+        exact = min(p.seconds * fps, 4 * lim.max_frames)
+        frames, param = 4 * max(0, round((exact - 1) / 4)) + 1, "seconds"
     elif p.num_frames is not None:
         frames, param = p.num_frames, "num_frames"
         if frames % 4 != 1:

@@ -1,7 +1,9 @@
 """Shared fixtures: real servers started through ./launch.sh on free ports."""
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
 import random
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import PIL.Image
@@ -125,6 +128,31 @@ def png_bytes(width: int = 160, height: int = 120, seed: int = 0, mode: str = "R
     buf = io.BytesIO()
     PIL.Image.fromarray(pixels).convert(mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def assert_client_error(status: int, body: bytes, what: str) -> dict:
+    """A 4xx with the OpenAI error shape {"error": {"message", "type", "param", "code"}}."""
+    assert 400 <= status < 500, f"{what}: {status} {body[:300]!r}"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, what
+    assert isinstance(error["message"], str) and error["message"], what
+    assert isinstance(error["type"], str) and error["type"], what
+    assert error["param"] is None or isinstance(error["param"], str), what
+    assert error["code"] is None or isinstance(error["code"], str), what
+    return error
+
+
+def raw_request(server, method: str, target: str, headers: dict | None = None,
+                body: bytes | None = None) -> tuple[int, dict, bytes]:
+    """`target` exactly as it goes on the request line."""
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")

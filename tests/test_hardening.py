@@ -12,11 +12,14 @@ import openai
 import pytest
 import requests
 
-from conftest import REPO, png_bytes, start_server
+from conftest import REPO, assert_client_error, png_bytes, raw_request, start_server
 from test_jobs_lifecycle import QUICK, SLOW, submit, wait_status
 
 
 def test_api_key_guards_v1_routes_but_not_health(tmp_path):
+    """checked with (the traversal part): the get_video route made `<video_id:path>` and its
+    body `raw((service.store.video_dir / video_id).read_bytes())`, a route that reads a file
+    by id: the first target answered 200 with /etc/passwd."""
     srv = start_server(tmp_path, "--api-key", "s3cret")
     try:
         assert requests.get(srv.url + "/health", timeout=5).status_code == 200
@@ -29,8 +32,15 @@ def test_api_key_guards_v1_routes_but_not_health(tmp_path):
         video = client.videos.create(prompt="p", extra_body=QUICK,
                                      input_reference=("r.png", png_bytes(), "image/png"))
         assert video.status == "completed"
-        assert requests.get(f"{srv.url}/v1/videos/../../etc/passwd", timeout=5,
-                            headers={"Authorization": "Bearer s3cret"}).status_code == 404
+        # on the request line as written (requests would send /etc/passwd); enough `../` to
+        # reach / from any --data-dir
+        up = "../" * 16
+        for target in (f"/v1/videos/{up}etc/passwd", f"/v1/videos/{up}etc/passwd/content",
+                       f"/v1/videos/{up.replace('/', '%2f')}etc%2fpasswd/content"):
+            status, _, body = raw_request(srv, "GET", target, {"Authorization": "Bearer s3cret"})
+            assert status in (400, 404), (target, status)
+            assert_client_error(status, body, target)
+            assert b"root:" not in body
     finally:
         assert srv.stop() == 0
 

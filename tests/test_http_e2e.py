@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from conftest import png_bytes
+from test_jobs_lifecycle import QUICK
 
 BASE = {"prompt": "a lighthouse in a storm", "seed": "7"}
 
@@ -87,6 +88,34 @@ def test_same_seed_same_frames_and_random_seed_reported(server):
     r1 = create(server, {"seed": ""}).json()
     r2 = create(server, {"seed": ""}).json()
     assert r1["seed"] != r2["seed"]
+
+
+def test_reported_seed_reproduces_the_video(server):
+    """No seed sent: the seed the job reports regenerates the same frames.
+    checked with: `seed=request.seed ^ 1` in api/serving.py create_job (the job reports
+    a seed other than the one used)."""
+    fields = {"prompt": "a lighthouse in a storm", **QUICK}
+    image = {"input_reference": ("ref.png", png_bytes(), "image/png")}
+    first = requests.post(server.url + "/v1/videos", data=fields, files=image, timeout=300)
+    frames = decode_frames(video_of(first))
+    seed = requests.get(f"{server.url}/v1/videos/{first.json()['id']}", timeout=5).json()["seed"]
+    assert seed == first.json()["seed"]
+    again = requests.post(server.url + "/v1/videos", data={**fields, "seed": str(seed)},
+                          files=image, timeout=300)
+    assert np.array_equal(frames, decode_frames(video_of(again)))
+    assert again.json()["seed"] == seed
+
+
+@pytest.mark.parametrize("fields,frames", [({"fps": "31", "num_frames": "5"}, 5),
+                                           ({"fps": "60", "seconds": "0.15"}, 9)])
+def test_high_fps_end_to_end(server, fields, frames):
+    """fps above the 1..30 the other tests use, up to limits.max_fps (60); `seconds` × 60.
+    checked with: `rate = Fraction(min(fps, 30))` in api/video.py encode_mp4."""
+    fps = int(fields["fps"])
+    resp = create(server, {"size": "64x64", "num_inference_steps": "2", **fields})
+    assert stream_info(video_of(resp)) == (frames, 64, 64, float(fps))
+    body = resp.json()
+    assert (body["fps"], body["num_frames"], body["seconds"]) == (fps, frames, f"{frames / fps:g}")
 
 
 @pytest.mark.parametrize("field,value", [

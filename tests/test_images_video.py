@@ -11,6 +11,7 @@ from PIL import Image
 from api.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from api.images import ALLOWED_FORMATS, decode_image, fit_to_size, size_for_aspect
 from api.video import encode_mp4, is_faststart, probe_mp4
+from engine.config import load_config
 
 LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 4096 * 4096}
 
@@ -177,6 +178,19 @@ def test_encode_mp4_round_trip(count, width, height, fps):
     assert info == {"frames": count, "width": width, "height": height, "fps": float(fps),
                     "codec": "h264", "pix_fmt": "yuv420p"}
     assert is_faststart(data)
+
+
+def test_encode_mp4_every_fps_up_to_the_limit():
+    """Each fps a request may ask for (1..limits.max_fps) keeps its frame count, rate and
+    timestamps. checked with: `rate = Fraction(min(fps, 30))` in api/video.py encode_mp4."""
+    max_fps = load_config([]).limits.max_fps
+    frames = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    for fps in range(1, max_fps + 1):
+        with av.open(io.BytesIO(encode_mp4(frames, fps))) as container:
+            stream = container.streams.video[0]
+            times = [f.time for f in container.decode(stream)]
+            assert (len(times), stream.average_rate) == (5, fps), fps
+        assert times == pytest.approx([i / fps for i in range(5)], abs=1e-3), fps
 
 
 def test_constant_grey_survives_encoding():

@@ -60,3 +60,16 @@ def test_guidance_scale_2_follows_guidance_scale_unless_given():
     request = resolve_request("j", parse_params({"prompt": "p", "guidance_scale": 5,
                                                  "guidance_scale_2": 2}), IMAGE, CFG)
     assert request.guidance_scale_2 == 2
+
+
+def test_huge_seconds_is_a_named_400():
+    """checked with: the `min(...)` cap in _resolve_frames removed (OverflowError: round() of
+    inf, a 500 over HTTP)."""
+    for seconds in (1e308, 1e200):
+        try:
+            resolve_request("j", parse_params({"prompt": "p", "seconds": seconds, "fps": 60}),
+                            IMAGE, CFG)
+        except APIError as exc:
+            assert exc.status == 400 and exc.param == "seconds"
+        else:
+            raise AssertionError(f"seconds={seconds} was accepted")

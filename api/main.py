@@ -7,6 +7,7 @@ api → engine → kernels.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -15,7 +16,7 @@ from engine.config import load_config
 from engine.distributed import (die_with_launcher, env_world, init_distributed, ready_barrier,
                                 shutdown)
 from engine.layout import LayoutError
-from engine.startup import check_layout, resolve_model_path, setup_logging
+from engine.startup import check_devices, check_layout, resolve_model_path, setup_logging
 
 log = logging.getLogger("wanserve")
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model_path(cfg)
     try:
         check_layout(cfg, world_size, model_path)
+        check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     except LayoutError as exc:
         if rank == 0:
             log.error("invalid parallel layout: %s", exc)

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from engine.config import ServerConfig
+from engine.device import gpu_usable
+from engine.layout import LayoutError
 from engine.pipeline import num_attention_heads
 
 
@@ -38,3 +40,16 @@ def check_layout(cfg: ServerConfig, world_size: int, model_path: Path) -> None:
     min_tokens = side * side  # one latent frame at the smallest allowed size
     cfg.layout.validate(world_size, num_attention_heads(model_path), min_tokens)
 
+
+
+def check_devices(local_world_size: int) -> None:
+    """On a GPU host every local rank needs a GPU of its own: raise LayoutError before any rank
+    fails in `torch.cuda.set_device` with "invalid device ordinal"."""
+    if not gpu_usable():
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if local_world_size > count:
+        raise LayoutError(f"{local_world_size} ranks on this host but {count} GPU(s) visible "
+                          "(CUDA_VISIBLE_DEVICES): pass --nproc of at most that")

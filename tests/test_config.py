@@ -49,3 +49,19 @@ def test_removed_and_unknown_keys(tmp_path):
         load_config(["--set", "parallel.pin_cpu_cores=true"])
     with pytest.raises(SystemExit, match="unknown key.*pin_cores"):
         load_config(["--set", "cpu.pin_cores=true"])
+
+
+def test_more_local_ranks_than_gpus_is_refused_before_loading(monkeypatch):
+    """Checked with: the count comparison removed (nothing raised)."""
+    import torch
+
+    from engine import startup
+    from engine.layout import LayoutError
+
+    monkeypatch.setattr(startup, "gpu_usable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    startup.check_devices(4)
+    with pytest.raises(LayoutError, match="8 ranks on this host but 4 GPU"):
+        startup.check_devices(8)
+    monkeypatch.setattr(startup, "gpu_usable", lambda: False)
+    startup.check_devices(8)  # CPU ranks share the cores

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from engine.assembly import assemble
 from engine.config import load_config
@@ -19,6 +20,27 @@ from engine.layout import LayoutError
 from engine.startup import check_devices, check_layout, resolve_model_path, setup_logging
 
 log = logging.getLogger("wanserve")
+
+# A rank other than 0 that was told to stop exits by itself if rank 0's Shutdown has not come
+# by then (rank 0 gives its running job 25 s to reach a stopping point).
+STOP_GRACE_S = 40.0
+
+
+def _stop_when_rank_0_says_so(rank: int) -> None:
+    def exit_now():
+        log.error("rank %d: no word from rank 0 %gs after the stop signal; exiting", rank,
+                  STOP_GRACE_S)
+        logging.shutdown()
+        os._exit(1)
+
+    def on_signal(*_):
+        log.info("rank %d: waiting for rank 0 to stop (at most %gs)", rank, STOP_GRACE_S)
+        timer = threading.Timer(STOP_GRACE_S, exit_now)
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.worker import worker_loop
 
         # Stopping is rank 0's call: it finishes or fails the running job and broadcasts
-        # Shutdown, which ends this loop. (torchrun kills a rank that outlives that.)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: log.info("rank %d: waiting for rank 0 to stop", rank))
+        # Shutdown, which ends this loop.
+        _stop_when_rank_0_says_so(rank)
         model = assemble(cfg, ctx, model_path)
         ready_barrier(ctx)
         worker_loop(ctx, model)

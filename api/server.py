@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable
 
 from api.app import create_app
@@ -54,15 +55,24 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         stopping = True
         await app.cancel_task("expire-videos", raise_exception=False)
 
+    stopped_cleanly = True
+
     @app.after_server_stop
     async def stop_engine(app):
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        nonlocal stopped_cleanly
+        stopped_cleanly = await asyncio.get_running_loop().run_in_executor(None, engine.stop)
         service.close()
         store.close()
 
     log.info("serving %s on http://%s:%d (layout %s, %d rank(s))", cfg.served_model_name,
              cfg.host, cfg.port, cfg.layout.describe(), ctx.world_size)
     app.run(host=cfg.host, port=cfg.port, single_process=True, access_log=False, motd=False)
+    if not stopped_cleanly:
+        # the engine thread is still inside a step (a collective, a long kernel): tearing the
+        # process groups down under it could hang; every job is already marked
+        log.error("exiting without waiting for the engine thread")
+        logging.shutdown()
+        os._exit(1)
     if engine.state == "failed":
         log.error("exiting with an error: %s", engine.error)
         return 1

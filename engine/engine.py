@@ -74,12 +74,30 @@ class Engine:
         with self._lock:
             self._cancelled.add(job_id)
 
-    def stop(self, timeout: float = 25.0) -> None:
-        """Stop within `timeout`: the running job is interrupted at its next step and it and
-        every queued job are failed with a reason (their clients are told, nothing hangs)."""
+    def stop(self, timeout: float = 25.0) -> bool:
+        """Stop within `timeout`: the running job is interrupted at its next step (or latent
+        frame of its decode) and it and every queued job are failed with a reason (their
+        clients are told, nothing hangs). False when the engine thread is still inside a step
+        at the timeout: its jobs are failed all the same, and the process must exit without
+        waiting for it."""
         self._stopping = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return True
+        log.error("the running job did not reach a stopping point within %gs", timeout)
+        running = self.current_job
+        if running is not None:
+            self._events.on_failed(running, "the server stopped before the job finished",
+                                   "server_shutdown")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is not _STOP:
+                self._events.on_failed(item.job_id, "the server stopped before the job "
+                                       "started", "server_shutdown")
 
     # --- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -136,6 +154,12 @@ class Engine:
         except Exception as exc:
             log.exception("job %s failed", job_id)
             self._events.on_failed(job_id, f"generation failed: {exc}", "generation_failed")
+            if self.ctx.world_size > 1:
+                # the other ranks may be inside a collective of this job, and on NCCL they
+                # cannot be put back in step: stop, so that every rank restarts clean
+                self._fail(f"a job failed on rank 0 ({exc}); the engine stops so that every "
+                           "rank restarts in a known state")
+                return False
         finally:
             self.current_job = None
             self._take_cancel(job_id)

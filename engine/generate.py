@@ -35,9 +35,11 @@ def stage_clock(device: torch.device) -> Callable[[], float]:
 
 
 def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHook,
-             decode: bool = True, frames: bool = True) -> GenerationResult | None:
+             decode: bool = True, frames: bool = True,
+             decode_cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
     """`decode`: this rank takes part in the VAE decode; `frames`: it also turns the decoded
-    video into frames and returns them (rank 0). Without either it returns None."""
+    video into frames and returns them (rank 0). Without either it returns None.
+    `decode_cancelled` is asked before each latent frame the VAE decodes."""
     view = pipe.for_request(request.boundary_ratio, request.flow_shift)
     clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
@@ -74,7 +76,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = clock()
-    video = decode_latents(view, latents)
+    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request.job_id))
     if not frames:
         return None
     result = to_frames(view, video)
@@ -83,14 +85,26 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     return GenerationResult(frames=result, timings=timings)
 
 
+def _stop_if(cancelled: Callable[[], bool], job_id: str) -> None:
+    if cancelled():
+        raise JobCancelled(job_id)
+
+
 @torch.no_grad()
-def decode_latents(pipe: WanServePipeline, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(pipe: WanServePipeline, latents: torch.Tensor,
+                   before_each_frame: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """The Wan VAE decodes one latent frame per call of its decoder (a causal cache carries the
+    rest): `before_each_frame` runs before each, a point where a long decode can stop."""
     vae = pipe.vae
     latents = latents.to(vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
-    return vae.decode(latents * std + mean, return_dict=False)[0]
+    hook = vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())
+    try:
+        return vae.decode(latents * std + mean, return_dict=False)[0]
+    finally:
+        hook.remove()
 
 
 def to_frames(pipe: WanServePipeline, video: torch.Tensor) -> np.ndarray:

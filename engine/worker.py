@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 from engine.assembly import ServedModel
@@ -13,6 +14,10 @@ log = logging.getLogger("wanserve.engine")
 
 Progress = Callable[[int, int], None]
 
+# Test-only: "RANK:STEP" makes that rank's job fail right after that denoising step
+# (tests/test_rank_failure.py), as an out-of-memory on one GPU would.
+_FAIL_AT = os.environ.get("WANSERVE_TEST_FAIL_AT")
+
 
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
                 progress: Progress | None = None,
@@ -20,22 +25,35 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
     """Runs on every rank; returns the frames on rank 0, None elsewhere.
 
     After every step rank 0 reports progress and all ranks agree on `cancelled()` (rank 0's
-    answer) in one tiny collective, so a cancel stops every rank at the same step.
+    answer) in one tiny collective, so a cancel stops every rank at the same step. The VAE
+    decode checks again before each latent frame: with a sharded VAE all ranks agree, with the
+    VAE on rank 0 alone rank 0 decides by itself.
     """
 
+    def agreed() -> bool:
+        return agree(ctx, cancelled() if ctx.is_driver else False)
+
     def on_step(done: int, total: int) -> bool:
+        if _FAIL_AT == f"{ctx.rank}:{done}":
+            raise RuntimeError(f"injected failure on rank {ctx.rank} after step {done}")
         if progress is not None:
             progress(done, total)
-        return agree(ctx, cancelled() if ctx.is_driver else False)
+        return agreed()
 
     # a sharded VAE decodes on every rank together; only rank 0 needs the frames
     result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
-                      frames=ctx.is_driver)
+                      frames=ctx.is_driver,
+                      decode_cancelled=agreed if model.vae_sharded else cancelled)
     return result if ctx.is_driver else None
 
 
 def worker_loop(ctx: DistContext, model: ServedModel) -> None:
-    """Ranks != 0: receive → stop if told → generate, until shutdown."""
+    """Ranks != 0: receive → stop if told → generate, until shutdown.
+
+    A job that fails on this rank ends the process: the other ranks may be waiting for it in a
+    collective of that job, and on NCCL there is no putting them back in step. They notice at
+    once that it is gone (rank 0 fails the job and stops the server; torchrun restarts the job
+    or the operator does) instead of waiting out the collective timeout."""
     while True:
         message = broadcast_message(ctx)
         if isinstance(message, Shutdown):
@@ -45,8 +63,11 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
             run_request(ctx, model, message)
         except JobCancelled:
             log.info("rank %d: job %s cancelled", ctx.rank, message.job_id)
-        except Exception as exc:  # rank 0 reports it; the ranks stay in step for the next job
-            log.error("rank %d: job %s failed: %s", ctx.rank, message.job_id, exc)
+        except Exception as exc:
+            log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
+                      "in a known state", ctx.rank, message.job_id, exc)
+            logging.shutdown()
+            os._exit(1)
         end_of_job(ctx, model)
 
 

@@ -50,15 +50,11 @@ def test_a_job_failing_on_one_rank_fails_within_seconds(tmp_path, failing_rank):
     assert time.monotonic() - start < 30
     assert srv.proc.returncode != 0
     assert not any(_alive(pid) for pid in ranks.values())
-    again = start_server(tmp_path, data_dir=data_dir)
-    try:
-        failed = requests.get(f"{again.url}/v1/videos/{job['id']}", timeout=5).json()
-        assert failed["status"] == "failed", failed
-        assert failed["error"]["code"] == "generation_failed", failed
-        if failing_rank == 0:  # rank 0 knows the reason; for a peer's, it sees the peer go
-            assert "injected failure on rank 0 after step 2" in failed["error"]["message"]
-    finally:
-        assert again.stop() == 0
+    failed = _after_a_restart(tmp_path, data_dir, job["id"])
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "generation_failed", failed
+    if failing_rank == 0:  # rank 0 knows the reason; for a peer's, it sees the peer go
+        assert "injected failure on rank 0 after step 2" in failed["error"]["message"]
 
 
 def test_sigterm_during_a_long_decode_stops_every_rank(tmp_path):
@@ -80,12 +76,8 @@ def test_sigterm_during_a_long_decode_stops_every_rank(tmp_path):
     assert srv.stop() == 0
     stop_s = time.monotonic() - start
     assert stop_s < 0.5 * decode_s, (stop_s, decode_s)
-    again = start_server(tmp_path, data_dir=data_dir)
-    try:
-        stopped = requests.get(f"{again.url}/v1/videos/{job['id']}", timeout=5).json()
-        assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
-    finally:
-        assert again.stop() == 0
+    stopped = _after_a_restart(tmp_path, data_dir, job["id"])
+    assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
 
 
 def test_sigterm_with_a_hung_rank_still_stops_within_a_bound(tmp_path):
@@ -105,10 +97,15 @@ def test_sigterm_with_a_hung_rank_still_stops_within_a_bound(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         srv.stop()
+    stopped = _after_a_restart(tmp_path, data_dir, job["id"])
+    assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
+
+
+def _after_a_restart(tmp_path, data_dir, job_id: str) -> dict:
+    """The job as a one-rank server started on the same data directory reads it."""
     again = start_server(tmp_path, data_dir=data_dir)
     try:
-        stopped = requests.get(f"{again.url}/v1/videos/{job['id']}", timeout=5).json()
-        assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_shutdown"
+        return requests.get(f"{again.url}/v1/videos/{job_id}", timeout=5).json()
     finally:
         assert again.stop() == 0
 

@@ -30,7 +30,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
         now = time.perf_counter()
         step_times.append(now - last[0])
         if on_step(i + 1, request.num_inference_steps):
-            raise JobCancelled(request.job_id)
+            raise JobCancelled(request.job_id, i + 1, request.num_inference_steps)
         last[0] = time.perf_counter()
         return callback_kwargs
 

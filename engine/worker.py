@@ -29,7 +29,11 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
         return agree(ctx, cancelled() if ctx.is_driver else False)
 
     # a sharded VAE decodes on every rank together; otherwise only rank 0 needs the frames
-    result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded)
+    try:
+        result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded)
+    except JobCancelled as exc:  # at WARNING: the level every rank logs
+        log.warning("rank %d: %s", ctx.rank, exc)
+        raise
     return result if ctx.is_driver else None
 
 
@@ -43,7 +47,7 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
         try:
             run_request(ctx, model, message)
         except JobCancelled:
-            log.info("rank %d: job %s cancelled", ctx.rank, message.job_id)
+            pass  # run_request logged it
         except Exception as exc:  # rank 0 reports it; the ranks stay in step for the next job
             log.error("rank %d: job %s failed: %s", ctx.rank, message.job_id, exc)
         end_of_job(ctx, model)

@@ -24,9 +24,10 @@ REQUESTS = [
 TOLERANCE = 1e-4
 
 
-def run_layout(tmp_path, nproc: int, *flags: str) -> dict:
+def run_layout(tmp_path, nproc: int, *flags: str, requests: list = REQUESTS) -> dict:
+    """engine.offline under torchrun: {"frames_<i>": rank 0's float frames of request i}."""
     requests_file = tmp_path / "requests.json"
-    requests_file.write_text(json.dumps(REQUESTS))
+    requests_file.write_text(json.dumps(requests))
     out = tmp_path / f"frames-{nproc}-{'-'.join(flags) or 'single'}.npz"
     cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
            "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out), *flags]

@@ -55,6 +55,7 @@ def test_one_rank_matches_plain_diffusers(tmp_path):
             assert got.shape == expected.shape
             assert expected.std() > 0.01
             diff = float(np.abs(got - expected).max())
+            print(f"request {index}: max |diff| {diff:.2e}")
             assert diff <= TOLERANCE, f"request {index}: max |diff| {diff:.2e} > {TOLERANCE}"
 
 

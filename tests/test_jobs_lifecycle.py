@@ -110,6 +110,8 @@ def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
     """checked with: Engine.cancel made a no-op (engine/engine.py)."""
     srv = start_server(tmp_path)
     try:
+        # a connection of our own, closed once the job runs (a client timeout could fire
+        # before the job starts or after it ends)
         request = requests.Request(
             "POST", srv.url + "/v1/videos", data={"prompt": "p", **SLOW},
             files={"input_reference": ("r.png", png_bytes(), "image/png")}).prepare()

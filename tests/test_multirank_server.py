@@ -112,8 +112,9 @@ def test_killed_rank_fails_the_job_with_the_reason_and_stops_the_server(tmp_path
             assert time.monotonic() < deadline, "the job never ran a step"
             time.sleep(0.05)
         job_id = listing[0]["id"]
-        # stopped first, rank 1 holds rank 0 in its next exchange (shared memory: the one gloo
-        # collective of a step, the step flag, only sends from rank 0), which must notice it die
+        # Stop rank 1 first: rank 0 then blocks in its next exchange with it, a shared-memory
+        # one (a step's one gloo collective, the cancel flag, only sends from rank 0), and that
+        # wait must notice the kill.
         rank1 = rank_pids(srv.proc.pid)[1]
         os.kill(rank1, signal.SIGSTOP)
         time.sleep(0.5)

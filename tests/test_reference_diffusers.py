@@ -27,7 +27,7 @@ REQUESTS = [
     {"width": 144, "height": 112, "seed": 2, "image_seed": 3, "guidance_scale": 5.0,
      "guidance_scale_2": 2.0, "boundary_ratio": 0.6, "flow_shift": 5.0, "num_frames": 5},
 ]
-# measured: max |diff| 0 on this CPU; exact code reorders no floating-point sums but might
+# measured at most 1.7e-6: our CPU kernels (oneDNN convolutions, attention) sum in another order
 TOLERANCE = 1e-5
 
 

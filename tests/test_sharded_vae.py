@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # (latent frames, latent rows, latent columns): rows 6 split 3+3; 5 split 3+2; 3 split 2+1
 SHAPES = [(2, 6, 8), (3, 5, 6), (2, 3, 4)]
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # measured at most 2.7e-6 (decode), 7.2e-7 (encode)
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
@@ -37,6 +37,7 @@ def test_sharded_vae_matches_the_unsharded_vae(transport):
     assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
     assert result["routed"] == (["vae"] if transport == "shm" else [])
     assert len(result["decode_diffs"]) == len(result["encode_diffs"]) == len(SHAPES)
+    print("decode", result["decode_diffs"], "encode", result["encode_diffs"])
     assert max(result["decode_diffs"]) <= TOLERANCE, result["decode_diffs"]
     assert max(result["encode_diffs"]) <= TOLERANCE, result["encode_diffs"]
 

@@ -49,7 +49,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
         now = clock()
         step_times.append(now - last[0])
         if on_step(i + 1, request.num_inference_steps):
-            raise JobCancelled(request.job_id)
+            raise JobCancelled(request.job_id, i + 1, request.num_inference_steps)
         last[0] = time.perf_counter()
         return callback_kwargs
 
@@ -76,7 +76,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = clock()
-    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request.job_id))
+    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request))
     if not frames:
         return None
     result = to_frames(view, video)
@@ -85,9 +85,10 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     return GenerationResult(frames=result, timings=timings)
 
 
-def _stop_if(cancelled: Callable[[], bool], job_id: str) -> None:
-    if cancelled():
-        raise JobCancelled(job_id)
+def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:
+    if cancelled():  # in the decode: after the last step
+        raise JobCancelled(request.job_id, request.num_inference_steps,
+                           request.num_inference_steps)
 
 
 @torch.no_grad()

@@ -44,3 +44,7 @@ class Shutdown:
 
 class JobCancelled(Exception):
     """Raised on every rank at the same step when rank 0 says the job was cancelled."""
+
+    def __init__(self, job_id: str, step: int, total: int):
+        super().__init__(f"job {job_id} cancelled at step {step}/{total}")
+        self.job_id, self.step, self.total = job_id, step, total

@@ -41,9 +41,13 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
         return agreed()
 
     # a sharded VAE decodes on every rank together; only rank 0 needs the frames
-    result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
-                      frames=ctx.is_driver,
-                      decode_cancelled=agreed if model.vae_sharded else cancelled)
+    try:
+        result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
+                          frames=ctx.is_driver,
+                          decode_cancelled=agreed if model.vae_sharded else cancelled)
+    except JobCancelled as exc:  # at WARNING: the level every rank logs
+        log.warning("rank %d: %s", ctx.rank, exc)
+        raise
     return result if ctx.is_driver else None
 
 
@@ -62,7 +66,7 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
         try:
             run_request(ctx, model, message)
         except JobCancelled:
-            log.info("rank %d: job %s cancelled", ctx.rank, message.job_id)
+            pass  # run_request logged it
         except Exception as exc:
             log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
                       "in a known state", ctx.rank, message.job_id, exc)

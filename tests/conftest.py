@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -120,6 +121,49 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
         if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
             ranks[int(env[b"RANK"])] = pid
     return ranks
+
+
+def logged_steps(server: Server, job_id: str) -> list[int]:
+    """The steps rank 0 logged for a job while it was live (api/serving.py on_progress)."""
+    return [int(step) for step in
+            re.findall(rf"job {job_id} \[[ #]*\] step (\d+)/\d+", server.log())]
+
+
+def cancelled_steps(server: Server, job_id: str) -> dict[int, int]:
+    """{rank: step} from each rank's "rank N: job X cancelled at step i/total" line."""
+    return {int(rank): int(step) for rank, step in
+            re.findall(rf"rank (\d+): job {job_id} cancelled at step (\d+)/", server.log())}
+
+
+def metric(server: Server, sample: str) -> float:
+    """One sample of /metrics, e.g. 'wanserve_jobs_total{status="cancelled"}'; 0 if absent."""
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+CANCELLED = 'wanserve_jobs_total{status="cancelled"}'
+
+
+def assert_stopped_after_cancel(server: Server, job_id: str, ranks: int, total: int,
+                                timeout: float = 60) -> int:
+    """Every rank stopped the job at most one step after the last step rank 0 logged for it.
+
+    The API calls Engine.cancel before it marks the job terminal, and rank 0 logs a step only
+    while the job is live, so the cancel check of step `last` + 1 sees the cancel: stopping at
+    `last` or `last + 1` is exact, however loaded the machine. Returns the step it stopped at.
+    """
+    deadline = time.monotonic() + timeout
+    while len(stopped := cancelled_steps(server, job_id)) < ranks:
+        assert time.monotonic() < deadline, (
+            f"not every rank cancelled {job_id}: {stopped}\n{server.log()[-3000:]}")
+        time.sleep(0.05)
+    last = logged_steps(server, job_id)[-1]
+    assert set(stopped) == set(range(ranks)) and len(set(stopped.values())) == 1, stopped
+    step = stopped[0]
+    assert last <= step <= last + 1, f"stopped at step {step}, last logged {last}"
+    assert step < total - 5, f"the job was nearly done ({step}/{total}): make it longer"
+    return step
 
 
 def png_bytes(width: int = 160, height: int = 120, seed: int = 0, mode: str = "RGB") -> bytes:

@@ -1,13 +1,16 @@
 """Jobs across restarts, admission control, expiry and abandoned synchronous calls."""
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import time
+from urllib.parse import urlsplit
 
 import requests
 
-from conftest import png_bytes, rank_pids, start_server
+from conftest import (CANCELLED, assert_stopped_after_cancel, logged_steps, metric, png_bytes,
+                      rank_pids, start_server)
 
 SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "50"}
 QUICK = {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"}
@@ -18,6 +21,13 @@ def submit(srv, fields, prefer_async=True, timeout=300):
                          files={"input_reference": ("r.png", png_bytes(), "image/png")},
                          headers={"Prefer": "respond-async"} if prefer_async else {},
                          timeout=timeout)
+
+
+def wait_first_step(srv, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not logged_steps(srv, job_id):
+        assert time.monotonic() < deadline, f"{job_id} never ran a step"
+        time.sleep(0.05)
 
 
 def wait_status(srv, job_id, wanted, timeout=60):
@@ -61,10 +71,11 @@ def test_restart_keeps_completed_jobs_and_fails_interrupted_ones(tmp_path):
 
 
 def test_full_queue_answers_429_then_recovers(tmp_path):
+    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
     srv = start_server(tmp_path, "--max-queue", "1")
     try:
         running = submit(srv, SLOW).json()
-        wait_status(srv, running["id"], ("in_progress",))
+        wait_first_step(srv, running["id"])
         queued = submit(srv, QUICK)
         assert queued.status_code == 202
         refused = submit(srv, QUICK)
@@ -72,9 +83,11 @@ def test_full_queue_answers_429_then_recovers(tmp_path):
         assert refused.json()["error"]["code"] == "queue_full"
         deleted = requests.delete(f"{srv.url}/v1/videos/{running['id']}", timeout=5).json()
         assert deleted["deleted"] is True
+        # recovers: the engine dropped the cancelled job and went on to the queued one
+        assert_stopped_after_cancel(srv, running["id"], ranks=1, total=50)
         assert wait_status(srv, queued.json()["id"], ("completed",))["progress"] == 100
-        metrics = requests.get(srv.url + "/metrics", timeout=5).text
-        assert "wanserve_rejected_total 1.0" in metrics
+        assert metric(srv, CANCELLED) == 1
+        assert metric(srv, "wanserve_rejected_total") == 1
     finally:
         assert srv.stop() == 0
 
@@ -94,20 +107,32 @@ def test_completed_videos_expire_after_the_ttl(tmp_path):
 
 
 def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
+    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
     srv = start_server(tmp_path)
     try:
-        try:
-            submit(srv, SLOW, prefer_async=False, timeout=3)
-        except requests.exceptions.ReadTimeout:
-            pass
-        listing = requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]
+        # a connection of our own, closed once the job runs (a client timeout could fire
+        # before the job starts or after it ends)
+        request = requests.Request(
+            "POST", srv.url + "/v1/videos", data={"prompt": "p", **SLOW},
+            files={"input_reference": ("r.png", png_bytes(), "image/png")}).prepare()
+        url = urlsplit(srv.url)
+        caller = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        caller.request("POST", "/v1/videos", body=request.body, headers=dict(request.headers))
+        deadline = time.monotonic() + 30
+        while not (listing := requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]):
+            assert time.monotonic() < deadline, "the job was never created"
+            time.sleep(0.05)
         job_id = listing[0]["id"]
+        wait_first_step(srv, job_id)
+        caller.close()  # the caller goes away while its job runs
         job = wait_status(srv, job_id, ("cancelled",), timeout=15)
         assert job["error"]["code"] == "client_disconnected"
+        assert_stopped_after_cancel(srv, job_id, ranks=1, total=50)
         deadline = time.monotonic() + 10
         while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is not None:
             assert time.monotonic() < deadline, "the engine kept running the abandoned job"
             time.sleep(0.05)
+        assert metric(srv, CANCELLED) == 1
         assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
     finally:
         assert srv.stop() == 0

@@ -10,10 +10,11 @@ import time
 import pytest
 import requests
 
-from conftest import png_bytes, rank_pids, start_server
+from conftest import (CANCELLED, assert_stopped_after_cancel, logged_steps, metric, png_bytes,
+                      rank_pids, start_server)
 from test_http_e2e import stream_info
 
-SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "40"}
+SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "50"}
 
 
 def post(server, fields, prefer_async=False, timeout=300):
@@ -54,6 +55,7 @@ def test_three_sequential_requests_of_different_sizes(server2):
 
 
 def test_async_job_progress_increases_to_completion(server2):
+    """checked with: progress reported every 4th step only (engine/worker.py on_step)."""
     resp = post(server2, {"num_inference_steps": "12", "size": "192x192"}, prefer_async=True)
     assert resp.status_code == 202, resp.text
     job = resp.json()
@@ -69,39 +71,54 @@ def test_async_job_progress_increases_to_completion(server2):
         time.sleep(0.02)
     assert job["status"] == "completed" and job["progress"] == 100
     assert len(seen) >= 3 and seen == sorted(set(seen)), seen
+    # polling can miss steps; rank 0's log has every step the server recorded
+    assert logged_steps(server2, job["id"]) == list(range(1, 13))
 
 
 def test_cancel_running_job_then_next_job_succeeds(server2):
+    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
+    cancelled = metric(server2, CANCELLED)
     job = post(server2, SLOW, prefer_async=True).json()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        state = requests.get(f"{server2.url}/v1/videos/{job['id']}", timeout=5).json()
-        if state["status"] == "in_progress" and state["progress"] > 0:
-            break
+    while not logged_steps(server2, job["id"]):
+        assert time.monotonic() < deadline, "the job never ran a step"
         time.sleep(0.05)
-    assert state["progress"] < 100
     deleted = requests.delete(f"{server2.url}/v1/videos/{job['id']}", timeout=5).json()
     assert deleted == {"id": job["id"], "object": "video.deleted", "deleted": True}
     assert requests.get(f"{server2.url}/v1/videos/{job['id']}", timeout=5).status_code == 404
+    assert_stopped_after_cancel(server2, job["id"], ranks=2, total=50)
     freed_by = time.monotonic() + 10
     while requests.get(server2.url + "/health", timeout=5).json()["current_job"] is not None:
         assert time.monotonic() < freed_by, "the engine did not stop the cancelled job"
         time.sleep(0.05)
+    assert metric(server2, CANCELLED) == cancelled + 1
     resp = post(server2, {"size": "128x128"})
     assert resp.status_code == 200 and resp.json()["status"] == "completed"
 
 
-def test_killed_rank_fails_the_request_and_stops_the_server(tmp_path):
-    srv = start_server(tmp_path, "--ulysses", "2", "--collective-timeout", "20", nproc=2)
+def test_killed_rank_fails_the_job_with_the_reason_and_stops_the_server(tmp_path):
+    """checked with: shared-memory waits that never notice a dead peer and never time out
+    (engine/cpu/shm_exchange.py ShmChannel._wait)."""
+    data_dir = tmp_path / "data"
+    srv = start_server(tmp_path, "--ulysses", "2", "--collective-timeout", "20", nproc=2,
+                       data_dir=data_dir)
     try:
         result = {}
         caller = threading.Thread(target=lambda: result.update(resp=_try_post(srv)))
         caller.start()
         deadline = time.monotonic() + 60
-        while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is None:
-            assert time.monotonic() < deadline
+        while not (listing := requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]) \
+                or not logged_steps(srv, listing[0]["id"]):
+            assert time.monotonic() < deadline, "the job never ran a step"
             time.sleep(0.05)
-        os.kill(rank_pids(srv.proc.pid)[1], signal.SIGKILL)
+        job_id = listing[0]["id"]
+        # Stop rank 1 first: rank 0 then blocks in its next exchange with it, a shared-memory
+        # one (a step's one gloo collective, the cancel flag, only sends from rank 0), and that
+        # wait must notice the kill.
+        rank1 = rank_pids(srv.proc.pid)[1]
+        os.kill(rank1, signal.SIGSTOP)
+        time.sleep(0.5)
+        os.kill(rank1, signal.SIGKILL)
         killed_at = time.monotonic()
         caller.join(90)
         assert not caller.is_alive(), "the client was left waiting"
@@ -114,6 +131,14 @@ def test_killed_rank_fails_the_request_and_stops_the_server(tmp_path):
         assert time.monotonic() - killed_at < 90
     finally:
         srv.stop()
+    # the job's record says why it failed, not merely that the server went away
+    restarted = start_server(tmp_path, data_dir=data_dir)
+    try:
+        job = requests.get(f"{restarted.url}/v1/videos/{job_id}", timeout=5).json()
+        assert job["status"] == "failed", job
+        assert f"peer rank (pid {rank1}) died" in job["error"]["message"], job["error"]
+    finally:
+        assert restarted.stop() == 0
 
 
 def _try_post(srv):

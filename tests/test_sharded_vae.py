@@ -1,8 +1,9 @@
 """The tiny model's VAE sharded by rows over two real ranks decodes and encodes exactly what
-one unsharded VAE does, including bands of different heights and a band one latent row high:
-the overlapped halo exchange (engine/cpu/sharded_conv.py) and the row-sharded mid-block
-attention (engine/cpu/vae_attention.py), with the ranks exchanging over gloo and over
-shared memory (engine/cpu/shm_transport.py: our halos, distvae's halos and all-gathers).
+diffusers' own unsharded VAE does (none of our kernels on that side, so a kernel bug shows),
+including bands of different heights and a band one latent row high: the overlapped halo
+exchange (engine/cpu/sharded_conv.py) and the row-sharded mid-block attention
+(engine/cpu/vae_attention.py), with the ranks exchanging over gloo and over shared memory
+(engine/cpu/shm_transport.py: our halos, distvae's halos and all-gathers).
 
 The check runs as this file under torchrun (two processes); rank 0 prints the result.
 """
@@ -19,10 +20,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # (latent frames, latent rows, latent columns): rows 6 split 3+3; 5 split 3+2; 3 split 2+1
 SHAPES = [(2, 6, 8), (3, 5, 6), (2, 3, 4)]
+TOLERANCE = 1e-5  # measured at most 2.7e-6 (decode), 7.2e-7 (encode)
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_sharded_vae_matches_the_unsharded_vae(transport):
+    """checked with: the CPU causal-conv kernel ignoring its cached frames
+    (engine/cpu/vae_kernels.py with_causal_frames)."""
     cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2", __file__,
            transport]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -33,8 +37,9 @@ def test_sharded_vae_matches_the_unsharded_vae(transport):
     assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
     assert result["routed"] == (["vae"] if transport == "shm" else [])
     assert len(result["decode_diffs"]) == len(result["encode_diffs"]) == len(SHAPES)
-    assert max(result["decode_diffs"]) <= 1e-5
-    assert max(result["encode_diffs"]) <= 1e-5
+    print("decode", result["decode_diffs"], "encode", result["encode_diffs"])
+    assert max(result["decode_diffs"]) <= TOLERANCE, result["decode_diffs"]
+    assert max(result["encode_diffs"]) <= TOLERANCE, result["encode_diffs"]
 
 
 def _check() -> dict:
@@ -57,8 +62,8 @@ def _check() -> dict:
     dist.init_process_group("gloo")
     try:
         vae = AutoencoderKLWan.from_pretrained(ensure_tiny_model(), subfolder="vae").eval()
+        unsharded = copy.deepcopy(vae)  # diffusers' own: none of our kernels
         use_fast_cpu_kernels(vae)
-        unsharded = copy.deepcopy(vae)
         use_onednn_in_distvae()
         distvae_parallel.parallelize_decoder(vae, dist.group.WORLD)
         distvae_parallel.parallelize_encoder(vae, dist.group.WORLD)

@@ -19,7 +19,7 @@ import torch
 from engine import cpu
 from engine.config import ServerConfig
 from engine.distributed import DistContext
-from engine.offload import ExpertOffload, place_on_device
+from engine.offload import EXPERTS, ExpertOffload, place_on_device
 from engine.parallel import start_parallel_runtime
 from engine.pipeline import WanServePipeline, load_pipeline
 from kernels.attention import select_backend
@@ -41,7 +41,8 @@ class ServedModel:
 def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedModel:
     """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
     backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring)
-    pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype])
+    pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
+                                 keep_on_host=EXPERTS if cfg.offload_inactive_expert else ())
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
                                                  backend.xfuser_backend)

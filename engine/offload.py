@@ -64,8 +64,9 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool
                     ) -> tuple[dict, ExpertOffload | None]:
-    """Move every component to `device`; with offload, the experts are left to ExpertOffload,
-    which keeps only the one in use there. Returns what it did (for /health) and the offload."""
+    """Every component on `device` (most were loaded there already); with offload, the experts
+    are left to ExpertOffload, which keeps only the one in use there. Returns what it did (for
+    /health) and the offload."""
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and not (offload_inactive_expert
                                                            and name in EXPERTS):

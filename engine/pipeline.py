@@ -12,6 +12,7 @@ from engine import xfuser_compat
 xfuser_compat.apply()
 
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler  # noqa: E402
+from transformers import UMT5EncoderModel  # noqa: E402
 from engine.sp_padding import WanServeTransformer  # noqa: E402
 from xfuser.model_executor.pipelines.pipeline_wan_i2v import (  # noqa: E402
     xFuserWanImageToVideoPipeline,
@@ -52,18 +53,29 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
         return view
 
 
-def load_pipeline(model_path: Path, dtype: torch.dtype) -> tuple[WanServePipeline, dict]:
-    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too) into host
-    memory; returns it and what was loaded (for /health)."""
+def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
+                  keep_on_host: tuple[str, ...] = ()) -> tuple[WanServePipeline, dict]:
+    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too); returns it and
+    what was loaded (for /health). The weights go straight from the files to `device` (no
+    whole-model copy in host memory per rank), except the components named in `keep_on_host`."""
     start = time.perf_counter()
+
+    def where(name: str) -> dict:
+        return {} if name in keep_on_host else {"device_map": device}
+
     experts = {
-        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype)
+        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype,
+                                                  **where(name))
         for name in ("transformer", "transformer_2")
         if (Path(model_path) / name).is_dir()
     }
     # the VAE is small next to the experts; float32 keeps encode and decode precise
-    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32)
-    pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae, **experts)
+    vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32,
+                                           **where("vae"))
+    text_encoder = UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
+                                                    dtype=dtype, **where("text_encoder"))
+    pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae,
+                                            text_encoder=text_encoder, **experts)
     pipe.set_progress_bar_config(disable=True)
     pipe.stage_times = {}
     seconds = time.perf_counter() - start

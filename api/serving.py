@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,7 @@ class VideoService:
                   size=f"{request.width}x{request.height}", seed=request.seed,
                   num_frames=request.num_frames, fps=request.fps)
         self.store.add(job)
+        queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
         try:
             engine.submit(request)
@@ -67,7 +69,7 @@ class VideoService:
         self.metrics.jobs.labels("queued").inc()
         log.info("job %s queued: %s %s frames, %d steps, seed %d", job_id, job.size,
                  request.num_frames, request.num_inference_steps, request.seed)
-        return job
+        return queued
 
     async def wait(self, job_id: str) -> Job:
         future = self._waiters.get(job_id)

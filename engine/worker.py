@@ -5,6 +5,7 @@ import logging
 import os
 from typing import Callable
 
+from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, agree, broadcast_message
 from engine.generate import generate
@@ -43,7 +44,8 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
     # a sharded VAE decodes on every rank together; only rank 0 needs the frames
     result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
                       frames=ctx.is_driver,
-                      decode_cancelled=agreed if model.vae_sharded else cancelled)
+                      decode_cancelled=agreed if model.vae_sharded else cancelled,
+                      adapters=model.adapters)
     return result if ctx.is_driver else None
 
 
@@ -63,6 +65,8 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
             run_request(ctx, model, message)
         except JobCancelled:
             log.info("rank %d: job %s cancelled", ctx.rank, message.job_id)
+        except AdapterLoadError as exc:  # every rank, before any collective of the job
+            log.warning("rank %d: job %s: %s", ctx.rank, message.job_id, exc)
         except Exception as exc:
             log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
                       "in a known state", ctx.rank, message.job_id, exc)

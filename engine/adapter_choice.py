@@ -54,7 +54,7 @@ def _one(item, cfg) -> AdapterUse:
     elif isinstance(item, dict):
         name, path = item.get("name"), item.get("path")
         given = {k: item[k] for k in ("scale", "scale_high", "scale_low") if item.get(k) is not None}
-        if not isinstance(name, str) and not path:
+        if not isinstance(name, str):
             raise AdapterError("a LoRA object needs a `name` (and `path` for a --lora-dir file)")
     else:
         raise AdapterError(f"a LoRA entry must be a name or an object, got {item!r}")

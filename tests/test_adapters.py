@@ -120,6 +120,23 @@ loras:
     assert diff <= TOLERANCE
 
 
+def test_unfuse_per_request(single, files, tmp_path):
+    """With lora_unfuse_per_request, a request for another adapter unmerges the fused default
+    for that request; the next request without `lora` has it fused again."""
+    flags = ["--set", f"loras.pair.high={files['high']}", "--set", f"loras.pair.low={files['low']}",
+             "--set", "loras.pair.scale_low=0.5", "--set", "loras.pair.fuse=true",
+             "--set", f"loras.other.path={files['other']}", "--set", "loras.other.scale=0.8",
+             "--set", "loras.other.fuse=true", "--set", "lora_unfuse_per_request=true",
+             "--lora", f"D={files['D']}"]
+    requests = [{"seed": 1}, REQUESTS[1], {"seed": 1}, {"seed": 1, "lora": "none"}]
+    frames, _ = run(tmp_path, requests, 1, *flags)
+    for got, index in zip(frames, (5, 1, 5)):
+        diff = max_diff(got, single[0][index])
+        print(f"unfuse per request vs request {index}: max |diff| {diff:.2e}")
+        assert diff <= TOLERANCE, index
+    assert max_diff(frames[3], single[0][0]) <= TOLERANCE  # "none": the base model
+
+
 def test_guidance_one_runs_one_forward_per_step(single):
     _, report = single
     assert report["runs"][0]["forwards"] == [2, 2, 2, 2]  # guidance 3.5: both branches

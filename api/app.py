@@ -204,9 +204,15 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     @app.get("/v1/models")
     async def models(request: Request):
         info = getattr(service.engine, "info", None) or {}
+        created = int(app.ctx.started)
+        # adapters as vLLM lists them: models whose `parent` is the base model
+        adapters = [{"id": spec.name, "object": "model", "created": created, "owned_by": "wanserve",
+                     "root": spec.high or spec.low, "parent": cfg.served_model_name,
+                     "lora": spec.public()} for spec in cfg.adapters]
         return json({"object": "list", "data": [{
-            "id": cfg.served_model_name, "object": "model", "created": int(app.ctx.started),
-            "owned_by": "wanserve", "root": cfg.model, **info}]})
+            "id": cfg.served_model_name, "object": "model", "created": created,
+            "owned_by": "wanserve", "root": cfg.model, **info,
+            "adapters": [spec.public() for spec in cfg.adapters]}, *adapters]})
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -40,6 +40,10 @@ def _create_schema(cfg: ServerConfig) -> dict:
     props["num_inference_steps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_steps}
     props["prompt"] = {"type": "string", "minLength": 1, "maxLength": lim.max_prompt_chars,
                        "pattern": r"\S"}
+    props["lora"] = {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}],
+                     "description": "a registered adapter (`/v1/models`): `name`, `name:scale`, "
+                     "`name:scale_high:scale_low`, {name, scale | scale_high, scale_low}, "
+                     "{name, path, scale} under --lora-dir, or a list; absent: the default"}
     if lim.require_image:
         schema["required"] = ["prompt", "input_reference"]
     return schema

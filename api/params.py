@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from api.errors import InvalidRequest
 from api.images import decode_image, fit_to_size, size_for_aspect
 from api.protocol import VideoCreateParams
+from engine.adapter_choice import resolve_lora
+from engine.adapters import AdapterError
 from engine.config import ServerConfig
 from engine.request import GenerationRequest
 
@@ -150,6 +152,10 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         raise InvalidRequest("`input_reference` (the first frame) is required by this "
                              "image-to-video model", param="input_reference",
                              code="missing_required_parameter")
+    try:
+        lora = resolve_lora(p.lora, cfg)
+    except AdapterError as exc:
+        raise InvalidRequest(str(exc), param="lora", code="invalid_lora") from None
     fps = _in_range(p.fps if p.fps is not None else d.fps, "fps", 1, lim.max_fps)
     num_frames = _resolve_frames(p, cfg, fps)
     size = _resolve_size(p, cfg, image)
@@ -175,4 +181,6 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         flow_shift=_in_range(p.flow_shift if p.flow_shift is not None else d.flow_shift,
                              "flow_shift", 0.01, 100.0),
         seed=p.seed if p.seed is not None else secrets.randbelow(2**31),
+        sample_solver=p.sample_solver or d.sample_solver,
+        lora=lora,
     )

@@ -31,6 +31,8 @@ class VideoCreateParams(BaseModel):
     boundary_ratio: Optional[float] = Field(default=None, ge=0, le=1)
     flow_shift: Optional[float] = Field(default=None, gt=0)
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    sample_solver: Optional[Literal["unipc", "euler"]] = None
+    lora: Optional[Any] = None  # engine/adapter_choice.py says what it may be
 
     @field_validator("seconds", "guidance_scale", "guidance_scale_2", "boundary_ratio",
                      "flow_shift")

@@ -1,10 +1,10 @@
 """Building the served model on one rank: the same ordered steps on every rank.
 
-    load weights → place on the device → parallel runtime → CPU tuning (CPU only)
-    → what runs where
+    load weights → place on the device → adapters (LoRA) → parallel runtime
+    → CPU tuning (CPU only) → what runs where
 
-Adapters, a step cache and compiled blocks go between placing and the parallel runtime, in
-that order. Each step is one function in the module that owns it and returns what it did;
+A step cache and compiled blocks go between the adapters and the parallel runtime, in that
+order. Each step is one function in the module that owns it and returns what it did;
 `/health` shows those reports under the step's name.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from engine import cpu
+from engine.adapters import Adapters, load_adapters
 from engine.config import ServerConfig
 from engine.distributed import DistContext
 from engine.offload import EXPERTS, ExpertOffload, place_on_device
@@ -36,6 +37,7 @@ class ServedModel:
     vae_sharded: bool  # every rank takes part in the VAE encode and decode
     offload: ExpertOffload | None = None
     after_job: Callable[[], None] | None = None  # every rank, after every job
+    adapters: Adapters | None = None  # the per-request LoRA switch
 
 
 def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedModel:
@@ -44,15 +46,16 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedMod
     pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
                                  keep_on_host=EXPERTS if cfg.offload_inactive_expert else ())
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
+    adapters, adapters_report = load_adapters(pipe, cfg)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
                                                  backend.xfuser_backend)
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
             "attention_reason": backend.reason, "load": loaded, "placement": placed,
-            "parallel": parallel}
+            "adapters": adapters_report, "parallel": parallel}
     after_job = None
     if ctx.device.type == "cpu":
         info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
     if ctx.is_driver:
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
-    return ServedModel(pipe, info, vae_group is not None, offload, after_job)
+    return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters)

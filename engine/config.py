@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.adapters import AdapterError, AdapterSpec, parse_specs
 from engine.layout import ParallelLayout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ class Defaults:
     boundary_ratio: float
     flow_shift: float
     negative_prompt: str = ""
+    sample_solver: str = "unipc"  # or "euler" (the distilled LoRAs' exact sigmas)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class ServerConfig:
     collective_timeout_s: float = 300.0
     log_level: str = "INFO"
     config_path: Path = DEFAULT_CONFIG
+    adapters: tuple[AdapterSpec, ...] = ()  # the `loras:` section and --lora flags
+    lora_dir: str | None = None  # requests may name .safetensors files under it
+    lora_cache: int = 4  # --lora-dir adapters kept loaded (least recently used go first)
+    lora_unfuse_per_request: bool = False  # with a fused default, requests may ask for others
 
     @property
     def is_tiny(self) -> bool:
@@ -136,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collective-timeout", type=float, dest="collective_timeout_s",
                    help="seconds before a stalled collective fails the job and the server")
     p.add_argument("--log-level")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[,LOW]",
+                   help="register a LoRA: one file for both experts, or HIGH,LOW (repeatable)")
+    p.add_argument("--lora-dir", help="requests may load .safetensors LoRAs from under here")
+    p.add_argument("--lora-cache", type=int, help="--lora-dir adapters kept loaded (default 4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -166,7 +176,18 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         value = getattr(args, name, None)
         return value if value is not None else server.get(name, default)
 
+    try:
+        adapters = parse_specs(tree.get("loras"), args.lora)
+    except AdapterError as exc:
+        raise SystemExit(f"LoRA adapters: {exc}") from None
+    lora_dir = args.lora_dir or tree.get("lora_dir")
+    if lora_dir and not Path(lora_dir).is_dir():
+        raise SystemExit(f"--lora-dir {lora_dir}: not a directory")
     return ServerConfig(
+        adapters=adapters,
+        lora_dir=str(lora_dir) if lora_dir else None,
+        lora_cache=max(1, int(args.lora_cache or tree.get("lora_cache", 4))),
+        lora_unfuse_per_request=bool(tree.get("lora_unfuse_per_request", False)),
         model=str(model),
         served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
         dtype=args.dtype or tree.get("dtype", "float32"),

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
@@ -151,6 +152,11 @@ class Engine:
             else:
                 self._events.on_failed(job_id, f"the job exceeded the time limit of "
                                        f"{self._job_timeout_s:g}s", "job_timeout")
+        except AdapterLoadError as exc:
+            # the same file failed on every rank before the job's first collective: the
+            # ranks are still in step
+            self._events.on_failed(job_id, f"the LoRA could not be loaded: {exc}",
+                                   "lora_load_failed")
         except Exception as exc:
             log.exception("job %s failed", job_id)
             self._events.on_failed(job_id, f"generation failed: {exc}", "generation_failed")

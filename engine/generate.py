@@ -1,6 +1,6 @@
 """One request on one rank: the same function runs on every rank of the job.
 
-Steps: per-request pipeline view → encode + denoise (xfuser's pipeline, latents out) →
+Steps: the request's LoRA adapters (exactly those, or none) → per-request pipeline view → encode + denoise (xfuser's pipeline, latents out) →
 VAE decode (rank 0, or every rank when the VAE is sharded) → float frames (rank 0). Every rank
 calls `on_step` after every denoising step; it reports progress and returns whether the ranks
 agreed to cancel. Stage times are taken after the device has finished the stage's work
@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from engine.adapters import Adapters
 from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled
 
@@ -36,18 +37,27 @@ def stage_clock(device: torch.device) -> Callable[[], float]:
 
 def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHook,
              decode: bool = True, frames: bool = True,
-             decode_cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
+             decode_cancelled: Callable[[], bool] = lambda: False,
+             adapters: Adapters | None = None) -> GenerationResult | None:
     """`decode`: this rank takes part in the VAE decode; `frames`: it also turns the decoded
     video into frames and returns them (rank 0). Without either it returns None.
     `decode_cancelled` is asked before each latent frame the VAE decodes."""
-    view = pipe.for_request(request.boundary_ratio, request.flow_shift)
+    if adapters is not None:
+        adapters.apply(request.lora)
+    elif request.lora:
+        raise ValueError("this server has no LoRA adapters")
+    view = pipe.for_request(request.boundary_ratio, request.flow_shift, request.sample_solver)
     clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
+    forwards = [0]  # this step's transformer forwards
+    per_step: list[int] = []
     last = [clock()]  # reset after the cancel check so it is not counted
 
     def step_end(_pipe, i, _t, callback_kwargs):
         now = clock()
         step_times.append(now - last[0])
+        per_step.append(forwards[0])
+        forwards[0] = 0
         if on_step(i + 1, request.num_inference_steps):
             raise JobCancelled(request.job_id, i + 1, request.num_inference_steps)
         last[0] = time.perf_counter()
@@ -55,20 +65,13 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
 
     start = last[0]
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    latents = view(
-        image=PIL.Image.fromarray(request.image),
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        height=request.height,
-        width=request.width,
-        num_frames=request.num_frames,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        guidance_scale_2=request.guidance_scale_2,
-        generator=generator,
-        output_type="latent",
-        callback_on_step_end=step_end,
-    ).frames
+    hooks = [expert.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+             for expert in (pipe.transformer, pipe.transformer_2) if expert is not None]
+    try:
+        latents = _denoise(view, request, generator, step_end)
+    finally:
+        for hook in hooks:
+            hook.remove()
     timings = dict(view.stage_times)
     # the first interval also covers the encoders, whose own times were recorded
     timings["denoise"] = sum(step_times) - sum(timings.values())
@@ -82,7 +85,24 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     result = to_frames(view, video)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
-    return GenerationResult(frames=result, timings=timings)
+    return GenerationResult(frames=result, timings=timings, forwards=per_step)
+
+
+def _denoise(view: WanServePipeline, request: GenerationRequest, generator, step_end):
+    return view(
+        image=PIL.Image.fromarray(request.image),
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        height=request.height,
+        width=request.width,
+        num_frames=request.num_frames,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        guidance_scale_2=request.guidance_scale_2,
+        generator=generator,
+        output_type="latent",
+        callback_on_step_end=step_end,
+    ).frames
 
 
 def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:

@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 -m engine.offline --ulysses 2 --requests reqs.json --out out.npz
 
 `reqs.json` is a list of dicts of GenerationRequest fields (`width`, `height`, `seed`,
-`guidance_scale`, ...; the preset's defaults fill the rest) plus `image_seed` for the seeded
-synthetic input image. Used by the multi-rank equivalence tests and the benchmarks: the same
+`guidance_scale`, `lora` (as the API takes it), `sample_solver`, ...; the preset's defaults fill
+the rest) plus `image_seed` for the seeded synthetic input image. Used by the multi-rank equivalence tests and the benchmarks: the same
 code path as the server's ranks, without HTTP.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from engine.adapter_choice import resolve_lora
 from engine.assembly import assemble
 from engine.config import ServerConfig, load_config
 from engine.distributed import broadcast_message, init_distributed, ready_barrier, shutdown
@@ -45,7 +46,9 @@ def request_from_spec(job_id: str, spec: dict, cfg: ServerConfig) -> GenerationR
         num_inference_steps=spec.get("num_inference_steps", d.num_inference_steps),
         guidance_scale=guidance, guidance_scale_2=spec.get("guidance_scale_2", guidance),
         boundary_ratio=spec.get("boundary_ratio", d.boundary_ratio),
-        flow_shift=spec.get("flow_shift", d.flow_shift), seed=spec.get("seed", 0))
+        flow_shift=spec.get("flow_shift", d.flow_shift), seed=spec.get("seed", 0),
+        sample_solver=spec.get("sample_solver", d.sample_solver),
+        lora=resolve_lora(spec.get("lora"), cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 if ctx.is_driver:
                     results[f"frames_{index}"] = result.frames
                     timings.append({"index": index, "round": round_,
-                                    "wall": time.perf_counter() - t0, **result.timings})
+                                    "wall": time.perf_counter() - t0, **result.timings,
+                                    "forwards": result.forwards})
         if ctx.is_driver:
             np.savez(ours.out, **results)
             with open(ours.out + ".json", "w") as f:

@@ -5,13 +5,18 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine import xfuser_compat
 
 xfuser_compat.apply()
 
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from transformers import UMT5EncoderModel  # noqa: E402
 from engine.sp_padding import WanServeTransformer  # noqa: E402
 from xfuser.model_executor.pipelines.pipeline_wan_i2v import (  # noqa: E402
@@ -41,16 +46,34 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
         self.stage_times["image_encode"] = self.clock() - start
         return out
 
-    def for_request(self, boundary_ratio: float, flow_shift: float) -> "WanServePipeline":
+    def for_request(self, boundary_ratio: float, flow_shift: float,
+                    solver: str = "unipc") -> "WanServePipeline":
         """A view sharing every module but with its own boundary and a fresh scheduler, so a
         request's values never leak into the next one."""
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=flow_shift)
+        if solver == "euler":
+            scheduler = DistilledEulerScheduler(num_train_timesteps=1000, shift=flow_shift)
+        else:
+            scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config,
+                                                            flow_shift=flow_shift)
         components = dict(self.components, scheduler=scheduler)
         view = WanServePipeline(**components, boundary_ratio=boundary_ratio,
                                 expand_timesteps=self.config.expand_timesteps)
         view.set_progress_bar_config(disable=True)
         view.stage_times = {}
         return view
+
+
+class DistilledEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler on the grid the step-distilled Wan2.2 LoRAs were trained for:
+    `shift` applied to N evenly spaced sigmas from 1 (N=4, shift 5: 1, .9375, .8333, .625, then
+    0). diffusers' own spacing ends at 1/1000 instead, which is not that grid."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        super().set_timesteps(device=device, sigmas=sigmas.tolist())
+
+
+SOLVERS = ("unipc", "euler")
 
 
 def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.adapters import AdapterUse
+
 
 @dataclass
 class GenerationRequest:
@@ -25,6 +27,8 @@ class GenerationRequest:
     flow_shift: float
     seed: int
     negative_prompt: str = ""
+    sample_solver: str = "unipc"  # engine.pipeline.SOLVERS
+    lora: tuple[AdapterUse, ...] = ()  # exactly these adapters, at these scales; () = none
 
 
 @dataclass
@@ -33,6 +37,7 @@ class GenerationResult:
 
     frames: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    forwards: list[int] = field(default_factory=list)  # transformer forwards in each step
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import logging
 import os
 from typing import Callable
 
+from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, agree, broadcast_message
 from engine.generate import generate
@@ -44,7 +45,8 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
     try:
         result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
                           frames=ctx.is_driver,
-                          decode_cancelled=agreed if model.vae_sharded else cancelled)
+                          decode_cancelled=agreed if model.vae_sharded else cancelled,
+                          adapters=model.adapters)
     except JobCancelled as exc:  # at WARNING: the level every rank logs
         log.warning("rank %d: %s", ctx.rank, exc)
         raise
@@ -67,6 +69,8 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
             run_request(ctx, model, message)
         except JobCancelled:
             pass  # run_request logged it
+        except AdapterLoadError as exc:  # every rank, before any collective of the job
+            log.warning("rank %d: job %s: %s", ctx.rank, message.job_id, exc)
         except Exception as exc:
             log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
                       "in a known state", ctx.rank, message.job_id, exc)

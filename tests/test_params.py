@@ -15,7 +15,7 @@ CFG = load_config([])
 IMAGE = png_bytes(96, 64)
 FIELDS = ["prompt", "negative_prompt", "model", "size", "width", "height", "num_frames",
           "seconds", "fps", "num_inference_steps", "guidance_scale", "guidance_scale_2",
-          "boundary_ratio", "flow_shift", "seed", "unknown_field"]
+          "boundary_ratio", "flow_shift", "seed", "lora", "sample_solver", "unknown_field"]
 VALUES = st.one_of(
     st.text(max_size=12), st.integers(-10**6, 10**20), st.floats(allow_nan=True),
     st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "128x128", "97x64", "0x0", "9",

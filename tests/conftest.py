@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import hashlib
 import io
 import json
 import os
@@ -206,3 +207,22 @@ def server(tmp_path_factory):
     yield srv
     code = srv.stop()
     assert code == 0, f"server exited with {code}:\n{srv.log()[-3000:]}"
+
+
+def run_offline(tmp_path: Path, nproc: int, requests: list, *flags: str,
+                pythonpath: str = "") -> tuple[dict, dict]:
+    """`engine.offline` under torchrun (no HTTP, the server's engine code): rank 0's float
+    frames {"frames_<i>": array} and its report (layout, world size, timings)."""
+    requests_file = tmp_path / "requests.json"
+    requests_file.write_text(json.dumps(requests))
+    tag = hashlib.sha256(json.dumps([nproc, requests, flags]).encode()).hexdigest()[:10]
+    out = tmp_path / f"frames-{tag}.npz"
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{pythonpath}:{REPO}" if pythonpath else str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with np.load(out) as data:
+        frames = {key: data[key] for key in data.files}
+    return frames, json.loads(Path(f"{out}.json").read_text())

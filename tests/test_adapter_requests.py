@@ -16,7 +16,7 @@ import pytest
 import requests
 from safetensors.torch import save_file
 
-from conftest import REPO, assert_client_error, png_bytes, start_server
+from conftest import assert_client_error, png_bytes, start_server
 from engine.adapter_choice import resolve_lora
 from engine.adapters import AdapterError, AdapterUse
 from engine.config import load_config

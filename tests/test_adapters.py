@@ -13,14 +13,10 @@ Mutation checks (each made a test here fail, then was reverted):
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_offline
 from lora_files import make_lora, merged_model, write_diffusers, write_musubi, write_original_wan
 
 TOLERANCE = 1e-4
@@ -64,18 +60,9 @@ def lora_flags(files) -> list[str]:
             "--lora", f"pair={files['high']},{files['low']}", "--lora", f"other={files['other']}"]
 
 
-def run(tmp_path, requests, nproc=1, *flags) -> tuple[dict, dict]:
-    requests_file = tmp_path / "requests.json"
-    requests_file.write_text(json.dumps(requests))
-    out = tmp_path / "frames.npz"
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    with np.load(out) as data:
-        frames = [data[f"frames_{i}"] for i in range(len(requests))]
-    return frames, json.loads((tmp_path / "frames.npz.json").read_text())
+def run(tmp_path, requests, nproc=1, *flags) -> tuple[list, dict]:
+    frames, report = run_offline(tmp_path, nproc, requests, *flags)
+    return [frames[f"frames_{i}"] for i in range(len(requests))], report
 
 
 def max_diff(a, b) -> float:

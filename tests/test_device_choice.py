@@ -10,30 +10,15 @@ the job fails (xfuser refuses sequence parallelism without its long-context atte
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
-import numpy as np
-
-from conftest import REPO
+from conftest import run_offline
 
 FAKE_CUDA_BUILD = 'import torch\ntorch.version.cuda = "12.8"\n'
 
 
 def test_a_cuda_build_without_a_gpu_serves_on_the_cpu(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(FAKE_CUDA_BUILD)
-    requests_file = tmp_path / "requests.json"
-    requests_file.write_text(json.dumps([{"width": 64, "height": 64, "num_frames": 5,
-                                          "num_inference_steps": 2}]))
-    out = tmp_path / "frames.npz"
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2",
-           "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out),
-           "--ulysses", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}:{REPO}"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with np.load(out) as data:
-        assert data["frames_0"].shape == (5, 64, 64, 3)
-    report = json.loads((tmp_path / "frames.npz.json").read_text())
+    frames, report = run_offline(tmp_path, 2, [{"width": 64, "height": 64, "num_frames": 5,
+                                               "num_inference_steps": 2}],
+                                 "--ulysses", "2", pythonpath=str(tmp_path))
+    assert frames["frames_0"].shape == (5, 64, 64, 3)
     assert report["world_size"] == 2

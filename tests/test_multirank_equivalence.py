@@ -10,14 +10,13 @@ branch under CFG parallel).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_offline
 
 REQUESTS = [
     {"width": 128, "height": 128, "seed": 1},
@@ -30,17 +29,8 @@ TOLERANCE = 1e-5
 
 
 def run_layout(tmp_path, nproc: int, *flags: str, requests: list = REQUESTS) -> dict:
-    """engine.offline under torchrun: {"frames_<i>": rank 0's float frames of request i}."""
-    requests_file = tmp_path / "requests.json"
-    requests_file.write_text(json.dumps(requests))
-    out = tmp_path / f"frames-{nproc}-{'-'.join(flags) or 'single'}.npz"
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    with np.load(out) as data:
-        return {key: data[key] for key in data.files}
+    """{"frames_<i>": rank 0's float frames of request i} for this layout."""
+    return run_offline(tmp_path, nproc, requests, *flags)[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from engine.peak_memory import read_peak, reset_peak
 from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled
 
@@ -41,6 +42,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     video into frames and returns them (rank 0). Without either it returns None.
     `decode_cancelled` is asked before each latent frame the VAE decodes."""
     view = pipe.for_request(request.boundary_ratio, request.flow_shift)
+    reset_peak(pipe._execution_device)
     clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
     last = [clock()]  # reset after the cancel check so it is not counted
@@ -82,7 +84,9 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     result = to_frames(view, video)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
-    return GenerationResult(frames=result, timings=timings)
+    peak_mb, peak_kind = read_peak(pipe._execution_device)
+    return GenerationResult(frames=result, timings=timings, peak_memory_mb=peak_mb,
+                            peak_memory_kind=peak_kind)
 
 
 def _stop_if(cancelled: Callable[[], bool], job_id: str) -> None:

@@ -13,6 +13,7 @@ from engine.layout import ParallelLayout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+CREATE_RESPONSES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class ServerConfig:
     api_key: str | None = None
     collective_timeout_s: float = 300.0
     log_level: str = "INFO"
+    create_response: str = "sync"  # what POST /v1/videos answers without `Prefer: respond-async`
     config_path: Path = DEFAULT_CONFIG
 
     @property
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collective-timeout", type=float, dest="collective_timeout_s",
                    help="seconds before a stalled collective fails the job and the server")
     p.add_argument("--log-level")
+    p.add_argument("--create-response", choices=CREATE_RESPONSES,
+                   help="what POST /v1/videos answers without 'Prefer: respond-async': 'sync' "
+                   "waits and answers the video (default), 'async' answers the queued job at once")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -166,6 +171,10 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         value = getattr(args, name, None)
         return value if value is not None else server.get(name, default)
 
+    create_response = str(pick("create_response", "sync")).lower()
+    if create_response not in CREATE_RESPONSES:
+        raise SystemExit(f"server.create_response must be one of {', '.join(CREATE_RESPONSES)}, "
+                         f"got {create_response!r}")
     return ServerConfig(
         model=str(model),
         served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
@@ -186,6 +195,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,
         collective_timeout_s=float(pick("collective_timeout_s", 300.0)),
         log_level=str(pick("log_level", "INFO")).upper(),
+        create_response=create_response,
         config_path=args.config,
     )
 

@@ -21,6 +21,11 @@ def _json(ref: str, description: str = "ok") -> dict:
 
 
 REF = "#/components/schemas/{model}"
+# one server-sent event (the schema of a text/event-stream describes each event before 3.2)
+_SSE = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": REF.format(model="VideoEvent")}},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 def _create_schema(cfg: ServerConfig) -> dict:
@@ -112,8 +117,7 @@ def openapi_spec(cfg: ServerConfig) -> dict:
                                    "step, then the final one; the stream ends with the job",
                         "parameters": [video_id],
                         "responses": {"200": {"description": "`data: <VideoEvent JSON>` lines",
-                                              "content": {"text/event-stream": {"schema": {
-                                                  "type": "string"}}}},
+                                              "content": {"text/event-stream": {"schema": _SSE}}},
                                       **_errors(401, 404)}},
             },
             "/v1/videos/{video_id}/content": {

@@ -18,7 +18,7 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_generate_writes_the_mp4_and_follows_the_steps(server, tmp_path):
     """checked with: ("num_frames", args.num_frames) left out of the fields cmd_generate sends
-    (the video has the preset's 9 frames); and `progress_bar` drawing `done - 1`."""
+    (the video has the preset's 9 frames)."""
     image = tmp_path / "first.png"
     image.write_bytes(png_bytes())
     out = tmp_path / "out.mp4"

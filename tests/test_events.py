@@ -13,13 +13,22 @@ from test_jobs_lifecycle import submit, wait_status
 MEDIUM = {"size": "128x128", "num_frames": "9", "num_inference_steps": "30"}
 
 
+def data_lines(resp, deadline: float):
+    """The stream's events; fails once past `deadline` (keep-alive comments come every 15 s,
+    so a stream that never ends is noticed then)."""
+    for line in resp.iter_lines():
+        assert time.monotonic() < deadline, "the event stream did not end"
+        if line.startswith(b"data:"):
+            yield json.loads(line[5:])
+
+
 def events(server, video_id: str, timeout: float = 300) -> list[dict]:
     """Every event of the stream, read until the server closes it."""
     with requests.get(f"{server.url}/v1/videos/{video_id}/events", stream=True,
                       timeout=timeout) as resp:
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("text/event-stream")
-        return [json.loads(line[5:]) for line in resp.iter_lines() if line.startswith(b"data:")]
+        return list(data_lines(resp, time.monotonic() + timeout))
 
 
 def test_every_step_in_order_then_the_final_event(server):
@@ -43,7 +52,7 @@ def test_a_finished_job_gives_one_final_event(server):
     finished job never ends: a read timeout)."""
     job = submit(server, {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"},
                  prefer_async=False).json()
-    seen = events(server, job["id"], timeout=20)
+    seen = events(server, job["id"], timeout=10)
     assert len(seen) == 1 and seen[0]["status"] == "completed" and seen[0]["step"] == 2
 
 
@@ -53,11 +62,10 @@ def test_a_cancelled_job_ends_its_stream(server):
     wait_status(server, job["id"], ("in_progress",))
     with requests.get(f"{server.url}/v1/videos/{job['id']}/events", stream=True,
                       timeout=60) as resp:
-        lines = resp.iter_lines()
-        first = json.loads(next(line for line in lines if line.startswith(b"data:"))[5:])
-        assert first["status"] == "in_progress"
+        stream = data_lines(resp, time.monotonic() + 10)
+        assert next(stream)["status"] == "in_progress"
         assert requests.delete(f"{server.url}/v1/videos/{job['id']}", timeout=10).ok
-        rest = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+        rest = list(stream)
     assert rest[-1]["status"] == "cancelled" and rest[-1]["error"]["code"] == "cancelled"
     deadline = time.monotonic() + 60
     while requests.get(server.url + "/health", timeout=5).json()["current_job"]:

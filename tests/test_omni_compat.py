@@ -153,3 +153,28 @@ def test_a_benchmark_style_client(async_server):
     spec = requests.get(async_server.url + "/openapi.json", timeout=5).json()
     schema = spec["paths"]["/v1/videos"]["post"]["responses"]["200"]["content"]
     assert schema["application/json"]["schema"]["$ref"].endswith("/Video")
+
+
+def test_a_data_dir_from_before_the_new_job_fields_still_opens(tmp_path):
+    """checked with: the ALTER TABLE loop in api/jobs.py JobStore removed (no such column)."""
+    import sqlite3
+
+    from api.jobs import Job, JobStore
+
+    old = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at",
+           "model", "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
+           "error_message", "timings", "video_file")
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute(f"CREATE TABLE jobs ({', '.join(old)}, PRIMARY KEY (id))")
+    db.execute(f"INSERT INTO jobs ({', '.join(old)}) VALUES ({', '.join('?' for _ in old)})",
+               ("video_" + "a" * 32, 1, "completed", 100, 1, 2, None, "m", "p", "1", "64x64", 3,
+                5, 8, None, None, '{"generate_total": 1.5}', None))
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path, ttl_s=60)
+    kept = store.get("video_" + "a" * 32).public()
+    assert (kept["quality"], kept["inference_time_s"], kept["peak_memory_mb"]) == ("high", 1.5, None)
+    store.add(Job(id="video_" + "b" * 32, status="queued", created_at=3, model="m", prompt="p",
+                  seconds="1", size="64x64", seed=1, num_frames=5, fps=8, quality="lossless"))
+    assert store.get("video_" + "b" * 32).quality == "lossless"
+    store.close()

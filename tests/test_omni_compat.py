@@ -2,6 +2,7 @@
 (server.create_response: async), extra_params, the job's extra fields, lossless output."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -50,7 +51,7 @@ def test_extra_params_flow_under_the_top_level_fields(server):
     body = resp.json()
     assert (body["size"], body["num_frames"], body["seed"]) == ("64x64", 9, 21)
     as_json = requests.post(server.url + "/v1/videos", timeout=300, json={
-        "prompt": "p", "input_reference": "data:image/png;base64," + _b64(png_bytes()),
+        "prompt": "p", "input_reference": "data:image/png;base64," + base64.b64encode(png_bytes()).decode(),
         "size": "64x64", "extra_params": {"num_frames": 5, "seed": 8, "num_inference_steps": 2}})
     assert (as_json.json()["num_frames"], as_json.json()["seed"]) == (5, 8)
     for value in ("{not json", "[1, 2]", '"text"'):
@@ -60,12 +61,6 @@ def test_extra_params_flow_under_the_top_level_fields(server):
     bad = requests.post(server.url + "/v1/videos", files=IMAGE, timeout=30,
                         data={**TINY, "extra_params": '{"seed": -4}'})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
 
 
 def test_the_job_reports_inference_time_stages_and_peak_memory(server):

@@ -16,11 +16,13 @@ from sanic.response import HTTPResponse, json, raw
 
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
+from api.events import follow
 from api.openapi import openapi_spec
 from api.serving import VideoService, validate_listing
 from engine.config import ServerConfig
 
 POLL_AFTER_MS = "500"
+POLL_HEADERS = {"openai-poll-after-ms": POLL_AFTER_MS}
 
 
 def _reject_constant(name: str):
@@ -138,15 +140,24 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         # image decoding and fitting take milliseconds to seconds: keep them off the loop
         job = await loop.run_in_executor(None, service.create_job, fields, image)
         if "respond-async" in request.headers.get("prefer", "").lower():
-            return json(job.public(), status=202, headers={"openai-poll-after-ms": POLL_AFTER_MS,
-                                                           "Preference-Applied": "respond-async"})
-        try:
-            job = await service.wait(job.id)
-        except asyncio.CancelledError:
-            service.cancel_abandoned(job.id)
-            raise
+            return json(job.public(), status=202,
+                        headers={**POLL_HEADERS, "Preference-Applied": "respond-async"})
+        if cfg.create_response == "async":  # vLLM-Omni's answer: the queued job, 200
+            return json(job.public(), headers=POLL_HEADERS)
+        job = await service.wait_for_caller(job.id)
         body = await loop.run_in_executor(None, service.sync_body, job)
         return raw(jsonlib.dumps(body).encode(), content_type="application/json")
+
+    @app.post("/v1/videos/sync")
+    async def create_video_sync(request: Request):
+        fields, image = _fields_and_image(request)
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, service.create_job, fields, image)
+        job = await service.wait_for_caller(job.id)
+        data = await loop.run_in_executor(None, service.video_bytes, job)
+        return raw(data, content_type="video/mp4", headers={
+            "X-Request-Id": job.id, "X-Model": job.model,
+            "X-Inference-Time-S": f"{job.timings.get('generate_total', 0.0):.3f}"})
 
     @app.get("/v1/videos")
     async def list_videos(request: Request):
@@ -160,8 +171,23 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.get("/v1/videos/<video_id:str>")
     async def get_video(request: Request, video_id: str):
-        return json(service.get_job(video_id).public(),
-                    headers={"openai-poll-after-ms": POLL_AFTER_MS})
+        return json(service.get_job(video_id).public(), headers=POLL_HEADERS)
+
+    @app.get("/v1/videos/<video_id:str>/events")
+    async def video_events(request: Request, video_id: str):
+        events = follow(service.events, video_id,
+                        lambda: service.event_of(service.get_job(video_id)))
+        try:
+            first = await events.__anext__()  # an unknown id is a 404 before the stream starts
+            response = await request.respond(content_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache"})
+            await response.send(f"data: {jsonlib.dumps(first)}\n\n")
+            async for event in events:
+                await response.send(": keep-alive\n\n" if event is None else
+                                    f"data: {jsonlib.dumps(event)}\n\n")
+            await response.eof()
+        finally:
+            await events.aclose()  # unsubscribes, also when the client went away
 
     @app.get("/v1/videos/<video_id:str>/content")
     async def video_content(request: Request, video_id: str):

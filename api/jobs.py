@@ -22,7 +22,10 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 _COLUMNS = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at", "model",
             "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
-            "error_message", "timings", "video_file")
+            "error_message", "timings", "video_file", "num_inference_steps", "quality",
+            "peak_memory_mb", "peak_memory_kind")
+# timings that are not a stage of their own (a mean, a total)
+_NOT_STAGES = ("step_mean", "generate_total")
 
 
 @dataclass
@@ -44,6 +47,10 @@ class Job:
     error_message: str | None = None
     timings: dict = field(default_factory=dict)
     video_file: str | None = None
+    num_inference_steps: int | None = None
+    quality: str = "high"
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None
     created_ns: int = field(default_factory=time.time_ns)  # total order for listing
 
     def public(self) -> dict:
@@ -53,6 +60,8 @@ class Job:
         body["error"] = ({"code": self.error_code, "message": self.error_message}
                          if self.error_code else None)
         body["remixed_from_video_id"] = None
+        body["inference_time_s"] = self.timings.get("generate_total")
+        body["stage_durations"] = {k: v for k, v in self.timings.items() if k not in _NOT_STAGES}
         return body
 
 
@@ -79,6 +88,10 @@ class JobStore:
         self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(_COLUMNS)}, "
                          "PRIMARY KEY (id))")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_order ON jobs (created_ns)")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in _COLUMNS:  # a data dir written before these columns existed
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
         self._recover()
 
     def _recover(self) -> None:
@@ -99,6 +112,7 @@ class JobStore:
     def _from_row(row) -> Job:
         values = dict(zip(_COLUMNS, row))
         values["timings"] = json.loads(values["timings"] or "{}")
+        values["quality"] = values["quality"] or "high"
         return Job(**values)
 
     # --- writes ---------------------------------------------------------------------------

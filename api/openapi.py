@@ -1,7 +1,7 @@
 """The served OpenAPI 3.1 document, built from the protocol models."""
 from __future__ import annotations
 
-from api.protocol import VideoCreateParams, VideoJob
+from api.protocol import VideoCreateParams, VideoEvent, VideoJob
 from engine.config import ServerConfig
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -21,6 +21,11 @@ def _json(ref: str, description: str = "ok") -> dict:
 
 
 REF = "#/components/schemas/{model}"
+# one server-sent event (the schema of a text/event-stream describes each event before 3.2)
+_SSE = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": REF.format(model="VideoEvent")}},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 def _create_schema(cfg: ServerConfig) -> dict:
@@ -51,9 +56,13 @@ def _create_schema(cfg: ServerConfig) -> dict:
 
 def openapi_spec(cfg: ServerConfig) -> dict:
     create = _create_schema(cfg)
-    multipart = {**create, "properties": {**create["properties"],
-                                          "input_reference": {"type": "string", "format": "binary"}}}
+    multipart = {**create, "properties": {
+        **create["properties"], "input_reference": {"type": "string", "format": "binary"},
+        "extra_params": {"type": "string", "description": "a JSON object of more fields"}}}
+    body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
+                                          "application/json": {"schema": create}}}
     job = VideoJob.model_json_schema(ref_template=REF)
+    event = VideoEvent.model_json_schema(ref_template=REF)
     video_id = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
     sync = {"allOf": [{"$ref": "#/components/schemas/Video"}, {"type": "object", "properties": {
         "created": {"type": "integer"},
@@ -64,17 +73,20 @@ def openapi_spec(cfg: ServerConfig) -> dict:
         "info": {"title": "wanserve", "version": "0.1.0",
                  "description": f"Image-to-video with {cfg.served_model_name}"},
         "components": {"schemas": {"Error": _ERROR, "Video": job, "VideoSync": sync,
+                                   "VideoEvent": event, **event.pop("$defs", {}),
                                    **job.pop("$defs", {}), **create.pop("$defs", {})}},
         "paths": {
             "/v1/videos": {
                 "post": {
-                    "summary": "Create a video; waits unless `Prefer: respond-async`",
+                    "summary": ("Create a video; answers the queued job at once"
+                                if cfg.create_response == "async" else
+                                "Create a video; waits unless `Prefer: respond-async`"),
                     "parameters": [{"name": "Prefer", "in": "header", "required": False,
                                     "schema": {"type": "string"}}],
-                    "requestBody": {"required": True, "content": {
-                        "multipart/form-data": {"schema": multipart},
-                        "application/json": {"schema": create}}},
-                    "responses": {"200": _json("VideoSync"), "202": _json("Video", "queued"),
+                    "requestBody": body,
+                    "responses": {"200": (_json("Video", "queued") if cfg.create_response == "async"
+                                          else _json("VideoSync")),
+                                  "202": _json("Video", "queued"),
                                   **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503)},
                 },
                 "get": {
@@ -92,6 +104,25 @@ def openapi_spec(cfg: ServerConfig) -> dict:
                                                                  **_errors(401, 404)}},
                 "delete": {"parameters": [video_id],
                            "responses": {"200": {"description": "deleted"}, **_errors(401, 404)}},
+            },
+            "/v1/videos/sync": {
+                "post": {
+                    "summary": "Create a video and answer the MP4 itself (vLLM-Omni's route)",
+                    "requestBody": body,
+                    "responses": {"200": {"description": "the MP4", "content": {"video/mp4": {}},
+                                          "headers": {
+                                              name: {"schema": {"type": "string"}} for name in
+                                              ("X-Request-Id", "X-Model", "X-Inference-Time-S")}},
+                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503)},
+                },
+            },
+            "/v1/videos/{video_id}/events": {
+                "get": {"summary": "Server-sent events: the job's state, one per denoising "
+                                   "step, then the final one; the stream ends with the job",
+                        "parameters": [video_id],
+                        "responses": {"200": {"description": "`data: <VideoEvent JSON>` lines",
+                                              "content": {"text/event-stream": {"schema": _SSE}}},
+                                      **_errors(401, 404)}},
             },
             "/v1/videos/{video_id}/content": {
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",

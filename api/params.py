@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -25,7 +26,34 @@ SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 DATA_URL_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[^,]*)?;base64,(?P<data>.*)$", re.S)
 
 
+def merge_extra_params(fields: dict) -> dict:
+    """`extra_params` (a JSON object, or its text in a form) under the top-level fields: a
+    top-level field wins unless it is absent or empty; unknown keys fall to the model's
+    extra="ignore" like any unknown field."""
+    fields = dict(fields)
+    extra = fields.pop("extra_params", None)
+    if extra is None or (isinstance(extra, str) and not extra.strip()):
+        return fields
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest(f"`extra_params` is not valid JSON: {exc}", param="extra_params",
+                                 code="invalid_value") from None
+    if not isinstance(extra, dict):
+        raise InvalidRequest("`extra_params` must be a JSON object", param="extra_params",
+                             code="invalid_value")
+    given = {k: v for k, v in fields.items()
+             if v is not None and not (isinstance(v, str) and not v.strip())}
+    return {**extra, **given}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_params(fields: dict) -> VideoCreateParams:
+    fields = merge_extra_params(fields)
     try:
         return VideoCreateParams.model_validate(fields)
     except ValidationError as exc:

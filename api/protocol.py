@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+Quality = Literal["high", "lossless"]
 
 
 class VideoCreateParams(BaseModel):
@@ -33,6 +34,12 @@ class VideoCreateParams(BaseModel):
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     sample_solver: Optional[Literal["unipc", "euler"]] = None
     lora: Optional[Any] = None  # engine/adapter_choice.py says what it may be
+    quality: Optional[Quality] = Field(
+        default=None, description="`high` (H.264 yuv420p, the default) or `lossless` (H.264 RGB "
+        "at qp 0: the decoded frames are the generated ones, bit for bit)")
+    extra_params: Optional[Union[dict[str, Any], str]] = Field(
+        default=None, description="more fields as a JSON object, or its JSON text, merged "
+        "under the top-level ones: a top-level field wins, unknown keys are ignored")
 
     @field_validator("seconds", "guidance_scale", "guidance_scale_2", "boundary_ratio",
                      "flow_shift")
@@ -84,4 +91,24 @@ class VideoJob(BaseModel):
     seed: int
     num_frames: int
     fps: int
+    num_inference_steps: Optional[int] = None
+    quality: Quality = "high"
     timings: dict[str, float] = Field(default_factory=dict)
+    inference_time_s: Optional[float] = Field(default=None, description="generation time, "
+                                              "without the MP4 encode")
+    stage_durations: dict[str, float] = Field(default_factory=dict,
+                                              description="seconds per stage")
+    peak_memory_mb: Optional[float] = Field(default=None, description="rank 0's peak memory "
+                                            "during the job, of the kind `peak_memory_kind` says")
+    peak_memory_kind: Optional[Literal["cuda_max_allocated", "cpu_rss_high_water"]] = None
+
+
+class VideoEvent(BaseModel):
+    """One `data:` line of GET /v1/videos/{id}/events."""
+
+    id: str
+    status: JobStatus
+    progress: int
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    error: Optional[VideoError] = None

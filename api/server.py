@@ -31,7 +31,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
     @app.before_server_start
     async def start_engine(app):
         loop = asyncio.get_running_loop()
-        service.loop = loop
+        service.loop = service.events.loop = loop
         service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(stop_once)
         engine.start()
         app.add_task(expire_videos(), name="expire-videos")

@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from api.events import EventHub
 from api.errors import (APIError, EngineUnavailable, GenerationFailed, InvalidRequest, NotFound,
                         RateLimited)
 from api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
@@ -37,6 +38,8 @@ class VideoService:
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="wanserve-mp4")
         self._started: dict[str, float] = {}
         self._last_step: dict[str, float] = {}
+        self._steps: dict[str, int] = {}  # steps done by the running job
+        self.events = EventHub()
 
     # --- requests (event loop) ------------------------------------------------------------
     def _require_engine(self) -> Engine:
@@ -55,7 +58,9 @@ class VideoService:
                   model=self.cfg.served_model_name, prompt=request.prompt,
                   seconds=f"{request.num_frames / request.fps:g}",
                   size=f"{request.width}x{request.height}", seed=request.seed,
-                  num_frames=request.num_frames, fps=request.fps)
+                  num_frames=request.num_frames, fps=request.fps,
+                  num_inference_steps=request.num_inference_steps,
+                  quality=params.quality or "high")
         self.store.add(job)
         queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
@@ -77,14 +82,35 @@ class VideoService:
             await asyncio.shield(future)
         return self.store.get(job_id)
 
-    def sync_body(self, job: Job) -> dict:
+    async def wait_for_caller(self, job_id: str) -> Job:
+        """`wait` for a synchronous caller: if it goes away, the job is cancelled."""
+        try:
+            return await self.wait(job_id)
+        except asyncio.CancelledError:
+            self.cancel_abandoned(job_id)
+            raise
+
+    def video_bytes(self, job: Job) -> bytes:
+        """The finished job's MP4, or the error a synchronous caller gets instead."""
         if job.status == "failed":
             raise GenerationFailed(job.error_message or "generation failed", code=job.error_code)
         if job.status == "cancelled":
             raise APIError("the job was cancelled", code="cancelled", status=409)
-        data = self.store.video_path(job).read_bytes()
+        return self.store.video_path(job).read_bytes()
+
+    def sync_body(self, job: Job) -> dict:
+        data = self.video_bytes(job)
         return {"created": job.completed_at, "data": [{"b64_json": base64.b64encode(data).decode()}],
                 **job.public()}
+
+    def event_of(self, job: Job) -> dict:
+        """The event-stream view of a job (api/protocol.py VideoEvent)."""
+        step = job.num_inference_steps if job.status == "completed" else self._steps.get(job.id, 0)
+        event = {"id": job.id, "status": job.status, "progress": job.progress, "step": step,
+                 "total_steps": job.num_inference_steps}
+        if job.error_code:
+            event["error"] = {"code": job.error_code, "message": job.error_message}
+        return event
 
     def get_job(self, job_id: str) -> Job:
         job = self.store.get(job_id) if is_job_id(job_id) else None
@@ -122,8 +148,12 @@ class VideoService:
         now = time.perf_counter()
         self.metrics.step_seconds.observe(now - self._last_step.get(job_id, now))
         self._last_step[job_id] = now
+        self._steps[job_id] = done
         job = self.store.update(job_id, persist=False, progress=min(99, 100 * done // total))
         if job is not None:
+            self.events.publish(job_id, {"id": job_id, "status": job.status,
+                                         "progress": job.progress, "step": done,
+                                         "total_steps": total})
             log.info("job %s [%-20s] step %d/%d", job_id, "#" * (20 * done // total), done, total)
 
     def on_finished(self, job_id: str, result: GenerationResult) -> None:
@@ -135,7 +165,7 @@ class VideoService:
             return self._resolve(job_id)
         try:
             start = time.perf_counter()
-            data = encode_mp4(result.frames, job.fps)
+            data = encode_mp4(result.frames, job.fps, quality=job.quality)
             timings = {k: round(v, 4) for k, v in result.timings.items()}
             timings["mp4_encode"] = round(time.perf_counter() - start, 4)
             video_file = self.store.save_video(job_id, data)
@@ -145,7 +175,9 @@ class VideoService:
         now = time.time()
         self.store.update(job_id, status="completed", progress=100, completed_at=int(now),
                           expires_at=int(now + self.store.ttl_s), timings=timings,
-                          video_file=video_file)
+                          video_file=video_file, peak_memory_kind=result.peak_memory_kind,
+                          peak_memory_mb=(round(result.peak_memory_mb, 1)
+                                          if result.peak_memory_mb is not None else None))
         self.metrics.jobs.labels("completed").inc()
         self.metrics.job_seconds.observe(time.perf_counter() - self._started.pop(job_id, start))
         log.info("job %s completed (%s)", job_id, timings)
@@ -177,6 +209,10 @@ class VideoService:
             self.on_fatal_hook(message)
 
     def _resolve(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None:
+            self.events.publish(job_id, self.event_of(job))
+        self._steps.pop(job_id, None)
         self._last_step.pop(job_id, None)
         future = self._waiters.pop(job_id, None)
         if future is not None and self.loop is not None:

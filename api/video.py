@@ -1,4 +1,5 @@
-"""MP4 (H.264, yuv420p, faststart) encoding and probing with PyAV."""
+"""MP4 (H.264, faststart) encoding and probing with PyAV: yuv420p for `high` quality, RGB at
+qp 0 (libx264rgb) for `lossless`, whose decoded frames are the encoded ones exactly."""
 from __future__ import annotations
 
 import io
@@ -22,8 +23,10 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
     raise ValueError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
 
 
-def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18) -> bytes:
-    """Encode (F, H, W, 3) frames as an H.264/yuv420p MP4 with the moov atom up front."""
+def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18, quality: str = "high") -> bytes:
+    """Encode (F, H, W, 3) frames as an H.264 MP4 with the moov atom up front."""
+    if quality not in ("high", "lossless"):
+        raise ValueError(f"quality must be 'high' or 'lossless', got {quality!r}")
     pixels = _to_uint8(np.asarray(frames))
     _, height, width, _ = pixels.shape
     if height % 2 or width % 2:
@@ -37,14 +40,18 @@ def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18) -> bytes:
     with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
         with av.open(tmp.name, mode="w", format="mp4",
                      options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=rate)
+            lossless = quality == "lossless"
+            # yuv444p at qp 0 would still round in the RGB -> YUV conversion: RGB it is
+            stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=rate)
             stream.width = width
             stream.height = height
-            stream.pix_fmt = "yuv420p"
+            stream.pix_fmt = "rgb24" if lossless else "yuv420p"
             # mbtree=0: with macroblock-tree rate control this libx264 build (PyAV 18's FFmpeg)
             # encoded identical frames differently from run to run; same seed must mean the
             # same video, and the quality cost at crf 18 is small.
             stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
+            if lossless:
+                stream.options = {"qp": "0", "preset": "medium"}
             for index, pixel_frame in enumerate(pixels):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixel_frame),
                                                    format="rgb24")

@@ -14,6 +14,7 @@ from engine.layout import ParallelLayout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+CREATE_RESPONSES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class ServerConfig:
     api_key: str | None = None
     collective_timeout_s: float = 300.0
     log_level: str = "INFO"
+    create_response: str = "sync"  # what POST /v1/videos answers without `Prefer: respond-async`
     config_path: Path = DEFAULT_CONFIG
     adapters: tuple[AdapterSpec, ...] = ()  # the `loras:` section and --lora flags
     lora_dir: str | None = None  # requests may name .safetensors files under it
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register a LoRA: one file for both experts, or HIGH,LOW (repeatable)")
     p.add_argument("--lora-dir", help="requests may load .safetensors LoRAs from under here")
     p.add_argument("--lora-cache", type=int, help="--lora-dir adapters kept loaded (default 4)")
+    p.add_argument("--create-response", choices=CREATE_RESPONSES,
+                   help="what POST /v1/videos answers without 'Prefer: respond-async': 'sync' "
+                   "waits and answers the video (default), 'async' answers the queued job at once")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -183,6 +188,10 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     lora_dir = args.lora_dir or tree.get("lora_dir")
     if lora_dir and not Path(lora_dir).is_dir():
         raise SystemExit(f"--lora-dir {lora_dir}: not a directory")
+    create_response = str(pick("create_response", "sync")).lower()
+    if create_response not in CREATE_RESPONSES:
+        raise SystemExit(f"server.create_response must be one of {', '.join(CREATE_RESPONSES)}, "
+                         f"got {create_response!r}")
     return ServerConfig(
         adapters=adapters,
         lora_dir=str(lora_dir) if lora_dir else None,
@@ -207,6 +216,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,
         collective_timeout_s=float(pick("collective_timeout_s", 300.0)),
         log_level=str(pick("log_level", "INFO")).upper(),
+        create_response=create_response,
         config_path=args.config,
     )
 

@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 
 from engine.adapters import Adapters
+from engine.peak_memory import read_peak, reset_peak
 from engine.pipeline import WanServePipeline
 from engine.request import GenerationRequest, GenerationResult, JobCancelled
 
@@ -47,6 +48,7 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     elif request.lora:
         raise ValueError("this server has no LoRA adapters")
     view = pipe.for_request(request.boundary_ratio, request.flow_shift, request.sample_solver)
+    reset_peak(pipe._execution_device)
     clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
     forwards = [0]  # this step's transformer forwards
@@ -85,7 +87,9 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     result = to_frames(view, video)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
-    return GenerationResult(frames=result, timings=timings, forwards=per_step)
+    peak_mb, peak_kind = read_peak(pipe._execution_device)
+    return GenerationResult(frames=result, timings=timings, forwards=per_step,
+                            peak_memory_mb=peak_mb, peak_memory_kind=peak_kind)
 
 
 def _denoise(view: WanServePipeline, request: GenerationRequest, generator, step_end):

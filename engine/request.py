@@ -33,11 +33,14 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """Rank 0's output: float frames in [0, 1], shape (F, H, W, 3), and stage timings (s)."""
+    """Rank 0's output: float frames in [0, 1], shape (F, H, W, 3), stage timings (s) and
+    rank 0's peak memory during the job (engine/peak_memory.py)."""
 
     frames: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     forwards: list[int] = field(default_factory=list)  # transformer forwards in each step
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None
 
 
 @dataclass(frozen=True)

@@ -65,3 +65,14 @@ def test_more_local_ranks_than_gpus_is_refused_before_loading(monkeypatch):
         startup.check_devices(8)
     monkeypatch.setattr(startup, "gpu_usable", lambda: False)
     startup.check_devices(8)  # CPU ranks share the cores
+
+
+def test_create_response_from_yaml_and_flag(tmp_path):
+    """checked with: `pick("create_response", "sync")` replaced by "sync" (the YAML value and
+    the flag are ignored)."""
+    assert load_config([]).create_response == "sync"
+    path = preset(tmp_path, "server:\n  create_response: async\n")
+    assert load_config(["--config", path]).create_response == "async"
+    assert load_config(["--config", path, "--create-response", "sync"]).create_response == "sync"
+    with pytest.raises(SystemExit, match="create_response must be one of"):
+        load_config(["--set", "server.create_response=later"])

@@ -1,0 +1,66 @@
+"""The `wanserve` command (api/cli.py), run as `python -m api.cli` against a real server."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import requests
+
+from conftest import REPO, png_bytes
+from test_http_e2e import stream_info
+from test_jobs_lifecycle import QUICK, submit
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_writes_the_mp4_and_follows_the_steps(server, tmp_path):
+    """checked with: ("num_frames", args.num_frames) left out of the fields cmd_generate sends
+    (the video has the preset's 9 frames)."""
+    image = tmp_path / "first.png"
+    image.write_bytes(png_bytes())
+    out = tmp_path / "out.mp4"
+    proc = cli("generate", str(image), "a lighthouse in a storm", "-o", str(out),
+               "--server", server.url, "--size", "96x64", "--num-frames", "13", "--steps", "3",
+               "--seed", "4", "--negative-prompt", "blurry")
+    assert proc.returncode == 0, proc.stderr
+    assert stream_info(out.read_bytes())[:3] == (13, 96, 64)
+    for step in (1, 2, 3):
+        assert f"step {step}/3" in proc.stderr, proc.stderr
+    video_id = proc.stdout.split(", ")[1]
+    job = requests.get(f"{server.url}/v1/videos/{video_id}", timeout=5).json()
+    assert (job["seed"], job["num_inference_steps"], job["status"]) == (4, 3, "completed")
+
+
+def test_list_get_and_delete(server):
+    """checked with: cmd_delete printing without sending DELETE (the job is still there)."""
+    video_id = submit(server, QUICK, prefer_async=False).json()["id"]
+    listed = cli("list", "--server", server.url, "--limit", "100")
+    assert listed.returncode == 0 and video_id in listed.stdout
+    got = cli("get", video_id, "--server", server.url)
+    assert got.returncode == 0 and f'"id": "{video_id}"' in got.stdout
+    deleted = cli("delete", video_id, "--server", server.url)
+    assert deleted.returncode == 0 and video_id in deleted.stdout
+    assert requests.get(f"{server.url}/v1/videos/{video_id}", timeout=5).status_code == 404
+    gone = cli("get", video_id, "--server", server.url)
+    assert gone.returncode == 1 and f"no video with id '{video_id}'" in gone.stderr
+
+
+def test_a_bad_request_exits_non_zero_with_the_servers_message(server, tmp_path):
+    """checked with: main() returning 0 on a CLIError."""
+    image = tmp_path / "first.png"
+    image.write_bytes(png_bytes())
+    proc = cli("generate", str(image), "p", "--server", server.url, "--size", "100x64")
+    assert proc.returncode == 1
+    assert "`width` has to be a multiple of 16, got 100" in proc.stderr, proc.stderr
+    unreachable = cli("list", "--server", "http://127.0.0.1:9")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_the_cli_starts_without_torch():
+    """checked with: `import api.params` added to api/cli.py (it pulls torch in)."""
+    code = "import sys, api.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

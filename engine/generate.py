@@ -1,7 +1,7 @@
 """One request on one rank: the same function runs on every rank of the job.
 
-Steps: the request's LoRA adapters (exactly those, or none) → per-request pipeline view → encode + denoise (xfuser's pipeline, latents out) →
-VAE decode (rank 0, or every rank when the VAE is sharded) → float frames (rank 0). Every rank
+Steps: the request's LoRA adapters (exactly those, or none) → per-request pipeline view →
+encode + denoise (xfuser's pipeline, latents out) → VAE decode (rank 0, or every rank when the VAE is sharded) → float frames (rank 0). Every rank
 calls `on_step` after every denoising step; it reports progress and returns whether the ranks
 agreed to cancel. Stage times are taken after the device has finished the stage's work
 (`stage_clock`), not when the CPU has queued it.

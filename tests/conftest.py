@@ -226,3 +226,14 @@ def run_offline(tmp_path: Path, nproc: int, requests: list, *flags: str,
     with np.load(out) as data:
         frames = {key: data[key] for key in data.files}
     return frames, json.loads(Path(f"{out}.json").read_text())
+
+
+def torchrun_script(script: str, nproc: int, *args: str, timeout: float = 300) -> dict:
+    """Run a test file as a torchrun job (its `__main__` does the check); the JSON its rank 0
+    prints last."""
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
+           script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

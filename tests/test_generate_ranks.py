@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,11 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_only_rank_0_postprocesses_the_decoded_video():
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2", __file__]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    per_rank = json.loads(proc.stdout.strip().splitlines()[-1])
+    from conftest import torchrun_script
+
+    per_rank = torchrun_script(__file__, 2)
     assert per_rank == [{"decodes": 1, "postprocessed": 1, "frames": [5, 64, 64, 3]},
                         {"decodes": 1, "postprocessed": 0, "frames": None}]
 

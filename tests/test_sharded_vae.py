@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,12 +26,9 @@ TOLERANCE = 1e-5  # measured at most 2.7e-6 (decode), 7.2e-7 (encode)
 def test_sharded_vae_matches_the_unsharded_vae(transport):
     """checked with: the CPU causal-conv kernel ignoring its cached frames
     (engine/cpu/vae_kernels.py with_causal_frames)."""
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "2", __file__,
-           transport]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    from conftest import torchrun_script
+
+    result = torchrun_script(__file__, 2, transport)
     assert result["rebound"] > 0
     assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
     assert result["routed"] == (["vae"] if transport == "shm" else [])

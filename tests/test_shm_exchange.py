@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(nproc: int, mode: str) -> dict:
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
-           __file__, mode]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from conftest import torchrun_script
+
+    return torchrun_script(__file__, nproc, mode)
 
 
 def test_exchanges_match_gloo():

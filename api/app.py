@@ -220,7 +220,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         info = getattr(engine, "info", None) or {}
         body = {"status": "ok" if state == "ready" else state, "engine": state,
                 "model": cfg.served_model_name, "queue_depth": engine.queue_depth if engine else 0,
-                "current_job": engine.current_job if engine else None, **info}
+                "current_job": engine.current_job if engine else None,
+                "replicas": [r.public() for r in engine.replicas] if engine else [], **info}
         if engine and engine.error:
             body["error"] = engine.error
         if engine and engine.offload:

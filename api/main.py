@@ -1,7 +1,8 @@
 """Entry point of every rank (started by torchrun through launch.sh): the rank split.
 
-Rank 0 serves HTTP and drives the engine; every other rank assembles the same model and runs
-the worker loop. It sits here, above both `api` and `engine`, so that imports run one way only:
+Rank 0 serves HTTP and drives the engine; the leader of every other replica takes jobs from
+rank 0 (engine/replicas.py); every other rank assembles the same model and runs the worker
+loop of its replica. It sits here, above both `api` and `engine`, so that imports run one way only:
 api → engine → kernels.
 """
 from __future__ import annotations
@@ -62,14 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             from api.server import serve
 
             return serve(cfg, ctx, lambda: assemble(cfg, ctx, model_path))
+        from engine.replicas import leader_loop
         from engine.worker import worker_loop
 
-        # Stopping is rank 0's call: it finishes or fails the running job and broadcasts
-        # Shutdown, which ends this loop.
+        # Stopping is rank 0's call: it finishes or fails the running jobs and sends Shutdown
+        # (through each replica's leader), which ends these loops.
         _stop_when_rank_0_says_so(rank)
         model = assemble(cfg, ctx, model_path)
         ready_barrier(ctx)
-        worker_loop(ctx, model)
+        (leader_loop if ctx.is_leader else worker_loop)(ctx, model)
         return 0
     finally:
         shutdown()

@@ -19,10 +19,12 @@ class Metrics:
         self.rejected = Counter("wanserve_rejected", "requests refused because the queue was full",
                                 registry=r)
         self.step_seconds = Histogram("wanserve_step_seconds", "seconds per denoising step",
-                                      buckets=STEP_BUCKETS, registry=r)
+                                      ["replica"], buckets=STEP_BUCKETS, registry=r)
         self.job_seconds = Histogram("wanserve_job_seconds",
                                      "seconds from start of generation to a stored MP4",
-                                     buckets=JOB_BUCKETS, registry=r)
+                                     ["replica"], buckets=JOB_BUCKETS, registry=r)
+        self.replica_jobs = Counter("wanserve_replica_jobs", "jobs each replica started",
+                                    ["replica"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

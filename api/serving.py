@@ -39,6 +39,7 @@ class VideoService:
         self._started: dict[str, float] = {}
         self._last_step: dict[str, float] = {}
         self._steps: dict[str, int] = {}  # steps done by the running job
+        self._replicas: dict[str, str] = {}  # the replica running each job (a metrics label)
         self.events = EventHub()
 
     # --- requests (event loop) ------------------------------------------------------------
@@ -140,13 +141,20 @@ class VideoService:
             self._resolve(job_id)
 
     # --- engine events (engine thread) ----------------------------------------------------
+    def _replica(self, job_id: str) -> str:
+        replica = self.engine.replica_of(job_id) if self.engine is not None else None
+        return str(replica if replica is not None else 0)
+
     def on_started(self, job_id: str) -> None:
         self._started[job_id] = self._last_step[job_id] = time.perf_counter()
+        self._replicas[job_id] = replica = self._replica(job_id)
+        self.metrics.replica_jobs.labels(replica).inc()
         self.store.update(job_id, status="in_progress")
 
     def on_progress(self, job_id: str, done: int, total: int) -> None:
         now = time.perf_counter()
-        self.metrics.step_seconds.observe(now - self._last_step.get(job_id, now))
+        self.metrics.step_seconds.labels(self._replicas.get(job_id, "0")).observe(
+            now - self._last_step.get(job_id, now))
         self._last_step[job_id] = now
         self._steps[job_id] = done
         job = self.store.update(job_id, persist=False, progress=min(99, 100 * done // total))
@@ -179,7 +187,8 @@ class VideoService:
                           peak_memory_mb=(round(result.peak_memory_mb, 1)
                                           if result.peak_memory_mb is not None else None))
         self.metrics.jobs.labels("completed").inc()
-        self.metrics.job_seconds.observe(time.perf_counter() - self._started.pop(job_id, start))
+        self.metrics.job_seconds.labels(self._replicas.pop(job_id, "0")).observe(
+            time.perf_counter() - self._started.pop(job_id, start))
         log.info("job %s completed (%s)", job_id, timings)
         self._resolve(job_id)
 
@@ -214,6 +223,7 @@ class VideoService:
             self.events.publish(job_id, self.event_of(job))
         self._steps.pop(job_id, None)
         self._last_step.pop(job_id, None)
+        self._replicas.pop(job_id, None)
         future = self._waiters.pop(job_id, None)
         if future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))

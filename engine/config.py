@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses", type=int)
     p.add_argument("--ring", type=int)
     p.add_argument("--cfg", type=int, help="1, or 2 for CFG parallel")
+    p.add_argument("--dp", type=int, help="replicas: groups of cfg × ulysses × ring ranks that "
+                   "each run one job at a time (default 1)")
     p.add_argument("--offload-inactive-expert", action="store_true",
                    help="keep the expert not in use in CPU memory (one 14B expert on the GPU)")
     p.add_argument("--data-dir", type=Path)
@@ -170,6 +172,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         ulysses=args.ulysses or parallel.get("ulysses", 1),
         ring=args.ring or parallel.get("ring", 1),
         cfg=args.cfg or parallel.get("cfg", 1),
+        dp=args.dp or parallel.get("dp", 1),
     )
     server = tree.get("server") or {}
     memory = tree.get("memory") or {}

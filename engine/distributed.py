@@ -1,10 +1,16 @@
-"""Distributed start-up and the two channels between ranks.
+"""Distributed start-up and the channels between ranks.
 
-- The *control* channel (gloo, long timeout) carries one request object from rank 0 to all
-  ranks; idle ranks wait on it for as long as the server is idle.
-- The *step* channel (gloo, short timeout) carries one tiny flag per denoising step so every
+The job runs `dp` replicas (engine/layout.py); each replica's first rank is its *leader*.
+Rank 0 serves HTTP and leads replica 0. Inside each replica:
+
+- the *control* channel (gloo, long timeout) carries one request object from the leader to the
+  replica's ranks; idle ranks wait on it for as long as the server is idle;
+- the *step* channel (gloo, short timeout) carries one tiny flag per denoising step so every
   rank agrees on cancellation at the same step. Its timeout, like the compute collectives',
   bounds how long a dead or hung peer can stall the others.
+
+Between rank 0 and each other replica's leader, a `ReplicaLink` (engine/replicas.py speaks
+over it) has the same two kinds of channel.
 """
 from __future__ import annotations
 
@@ -26,6 +32,17 @@ from engine.layout import ParallelLayout
 IDLE_TIMEOUT = timedelta(days=30)
 
 
+@dataclass(frozen=True)
+class ReplicaLink:
+    """The channels between rank 0 and the leader of one other replica."""
+
+    replica: int
+    leader: int  # its global rank
+    ranks: tuple[int, ...]
+    jobs: object  # gloo, long timeout: the next job (or Shutdown) for the replica
+    steps: object  # gloo, short timeout: everything while the replica runs a job
+
+
 @dataclass
 class DistContext:
     rank: int
@@ -33,13 +50,34 @@ class DistContext:
     local_rank: int
     device: torch.device
     layout: ParallelLayout
-    control_group: object
-    step_group: object
+    control_group: object  # this replica's
+    step_group: object  # this replica's
     collective_timeout_s: float
+    world_control: object = None  # every rank, long timeout: the ready barrier
+    replica_group: object = None  # this replica's, on the compute backend (the sharded VAE)
+    links: tuple[ReplicaLink, ...] = ()  # rank 0: one per other replica; their leader: its own
 
     @property
     def is_driver(self) -> bool:
+        """Rank 0: serves HTTP and leads replica 0."""
         return self.rank == 0
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.layout.replica_size
+
+    @property
+    def replica_size(self) -> int:
+        return self.layout.replica_size
+
+    @property
+    def leader(self) -> int:
+        """The global rank of this replica's leader."""
+        return self.replica * self.layout.replica_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
 
 
 def env_world() -> tuple[int, int, int]:
@@ -84,6 +122,7 @@ def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> Dis
         init_distributed_environment(rank=rank, world_size=world_size, local_rank=local_rank,
                                      backend=backend)
         initialize_model_parallel(
+            data_parallel_degree=layout.dp,
             classifier_free_guidance_degree=layout.cfg,
             sequence_parallel_degree=layout.sp,
             ulysses_degree=layout.ulysses,
@@ -91,34 +130,55 @@ def init_distributed(layout: ParallelLayout, collective_timeout_s: float) -> Dis
             backend=backend,
         )
     xfuser_compat.bind_yunchang_groups()
-    control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    step_group = dist.new_group(backend="gloo", timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device, layout, control_group, step_group,
-                       collective_timeout_s)
+    # every rank creates every group, in the same order (torch's rule for new_group)
+    world_control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    replica = rank // layout.replica_size
+    mine = {}
+    for r in range(layout.dp):
+        ranks = list(layout.replica_ranks(r))
+        groups = (dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT),
+                  dist.new_group(ranks, backend="gloo", timeout=timeout),
+                  dist.group.WORLD if layout.dp == 1 else dist.new_group(ranks, timeout=timeout))
+        if r == replica:
+            mine = dict(zip(("control_group", "step_group", "replica_group"), groups))
+    links = []
+    for r in range(1, layout.dp):
+        ranks = layout.replica_ranks(r)
+        pair = [0, ranks[0]]
+        link = ReplicaLink(r, ranks[0], tuple(ranks),
+                           dist.new_group(pair, backend="gloo", timeout=IDLE_TIMEOUT),
+                           dist.new_group(pair, backend="gloo", timeout=timeout))
+        if rank in pair:
+            links.append(link)
+    return DistContext(rank, world_size, local_rank, device, layout,
+                       collective_timeout_s=collective_timeout_s, world_control=world_control,
+                       links=tuple(links), **mine)
 
 
 def broadcast_message(ctx: DistContext, message=None):
-    """Rank 0 passes the message; every rank returns it. A no-op copy at world size 1."""
-    if ctx.world_size == 1:
+    """The replica's leader passes the message; every rank of the replica returns it. A no-op
+    copy in a replica of one rank."""
+    if ctx.replica_size == 1:
         return message
-    box = [message if ctx.is_driver else None]
-    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    box = [message if ctx.is_leader else None]
+    dist.broadcast_object_list(box, src=ctx.leader, group=ctx.control_group)
     return box[0]
 
 
 def agree(ctx: DistContext, flag: bool) -> bool:
-    """Rank 0's flag, on every rank (one 1-element broadcast on the step channel)."""
-    if ctx.world_size == 1:
+    """The leader's flag, on every rank of the replica (one 1-element broadcast on the step
+    channel)."""
+    if ctx.replica_size == 1:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.broadcast(t, src=0, group=ctx.step_group)
+    dist.broadcast(t, src=ctx.leader, group=ctx.step_group)
     return bool(t.item())
 
 
 def ready_barrier(ctx: DistContext) -> None:
-    """All ranks have loaded the model (on the control channel: loading takes long)."""
+    """All ranks of every replica have loaded the model (long timeout: loading takes long)."""
     if ctx.world_size > 1:
-        dist.barrier(group=ctx.control_group)
+        dist.barrier(group=ctx.world_control)
 
 
 def shutdown() -> None:

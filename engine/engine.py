@@ -1,8 +1,11 @@
-"""Rank 0's engine: a bounded queue and one thread that feeds every rank, one job at a time.
+"""Rank 0's engine: one bounded queue, and one thread per replica that feeds it jobs.
 
-The thread loads the pipeline, then loops: pop a request → broadcast it → run it like every
-other rank → report through `EngineEvents`. It never touches HTTP or files; the API layer
-turns events into job updates and encodes the MP4 on its own executor.
+The first thread loads the pipeline; then each replica's thread loops: pop a request → run it
+on its replica → report through `EngineEvents`. Replica 0 is rank 0's own (rank 0 broadcasts
+the request to its ranks and runs it like them); the others are driven through their leader
+(engine/replicas.py). A job goes to whichever replica is free first. The threads never touch
+HTTP or files; the API layer turns events into job updates and encodes the MP4 on its own
+executor.
 """
 from __future__ import annotations
 
@@ -10,11 +13,13 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
+from engine.replicas import RemoteReplica, ReplicaFailed, ReplicaLost
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -37,6 +42,22 @@ class EngineEvents(Protocol):
 _STOP = object()
 
 
+@dataclass
+class Replica:
+    """One replica as rank 0 sees it (for /health and /metrics)."""
+
+    index: int
+    ranks: tuple[int, ...]
+    state: str = "loading"  # loading → idle ⇄ busy → stopped | failed
+    current_job: str | None = None
+    jobs_run: int = 0
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def public(self) -> dict:
+        return {"replica": self.index, "ranks": list(self.ranks), "state": self.state,
+                "current_job": self.current_job, "jobs_run": self.jobs_run}
+
+
 class Engine:
     def __init__(self, ctx: DistContext, load: Callable[[], ServedModel],
                  events: EngineEvents, max_queue: int, job_timeout_s: float):
@@ -48,21 +69,31 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="wanserve-engine", daemon=True)
+        layout = ctx.layout
+        self.replicas = [Replica(r, tuple(layout.replica_ranks(r))) for r in range(layout.dp)]
+        self._remote = {link.replica: RemoteReplica(link) for link in ctx.links}
+        self._loader = threading.Thread(target=self._start, name="wanserve-engine", daemon=True)
         self.state = "loading"  # loading → ready → stopped | failed
         self.error: str | None = None
-        self.current_job: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
         self.offload = None  # engine.offload.ExpertOffload when the inactive expert is offloaded
         self._stopping = False
 
     # --- called from the API (any thread) ---------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._loader.start()
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def current_job(self) -> str | None:
+        """The job replica 0 runs, else any replica's (one replica: the job)."""
+        return next((r.current_job for r in self.replicas if r.current_job), None)
+
+    def replica_of(self, job_id: str) -> int | None:
+        return next((r.index for r in self.replicas if r.current_job == job_id), None)
 
     def submit(self, request: GenerationRequest) -> None:
         with self._lock:
@@ -76,21 +107,27 @@ class Engine:
             self._cancelled.add(job_id)
 
     def stop(self, timeout: float = 25.0) -> bool:
-        """Stop within `timeout`: the running job is interrupted at its next step (or latent
-        frame of its decode) and it and every queued job are failed with a reason (their
-        clients are told, nothing hangs). False when the engine thread is still inside a step
+        """Stop within `timeout`: running jobs are interrupted at their next step (or latent
+        frame of their decode) and they and every queued job are failed with a reason (their
+        clients are told, nothing hangs). False when a replica's thread is still inside a step
         at the timeout: its jobs are failed all the same, and the process must exit without
         waiting for it."""
         self._stopping = True
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
+        for _ in self.replicas:
+            self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
+        self._loader.join(max(0.0, deadline - time.monotonic()))
+        for replica in self.replicas:
+            if replica.thread is not None:
+                replica.thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [r for r in self.replicas if r.thread is not None and r.thread.is_alive()]
+        if not stuck and not self._loader.is_alive():
             return True
-        log.error("the running job did not reach a stopping point within %gs", timeout)
-        running = self.current_job
-        if running is not None:
-            self._events.on_failed(running, "the server stopped before the job finished",
-                                   "server_shutdown")
+        log.error("a running job did not reach a stopping point within %gs", timeout)
+        for replica in stuck:
+            if replica.current_job is not None:
+                self._events.on_failed(replica.current_job, "the server stopped before the "
+                                       "job finished", "server_shutdown")
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -100,8 +137,8 @@ class Engine:
                 self._events.on_failed(item.job_id, "the server stopped before the job "
                                        "started", "server_shutdown")
 
-    # --- the engine thread ----------------------------------------------------------------
-    def _run(self) -> None:
+    # --- the engine threads ---------------------------------------------------------------
+    def _start(self) -> None:
         try:
             model = self._load()
             ready_barrier(self.ctx)
@@ -111,13 +148,24 @@ class Engine:
             return
         self.info = model.info
         self.offload = model.offload
+        for replica in self.replicas:
+            replica.state = "idle"
+            replica.thread = threading.Thread(target=self._serve, args=(replica, model),
+                                              name=f"wanserve-replica-{replica.index}",
+                                              daemon=True)
         self.state = "ready"
-        log.info("engine ready")
+        log.info("engine ready (%d replica(s))", len(self.replicas))
+        for replica in self.replicas:
+            replica.thread.start()
+
+    def _serve(self, replica: Replica, model: ServedModel) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
-                self._broadcast_shutdown("server stopping")
-                self.state = "stopped"
+                self._tell_replica_to_stop(replica, "server stopping")
+                replica.state = "stopped"
+                if all(r.state == "stopped" for r in self.replicas):
+                    self.state = "stopped"
                 return
             if self._stopping:
                 self._events.on_failed(item.job_id, "the server stopped before the job started",
@@ -126,18 +174,26 @@ class Engine:
             if self._take_cancel(item.job_id):
                 self._events.on_cancelled(item.job_id)
                 continue
-            if not self._run_job(model, item):
+            if not self._run_job(replica, model, item):
+                replica.state = "failed"
                 return
 
-    def _run_job(self, model: ServedModel, request: GenerationRequest) -> bool:
+    def _execute(self, replica: Replica, model: ServedModel, request: GenerationRequest,
+                 progress, cancelled) -> GenerationResult:
+        remote = self._remote.get(replica.index)
+        if remote is not None:
+            return remote.run(request, progress, cancelled)
+        broadcast_message(self.ctx, request)
+        return run_request(self.ctx, model, request, progress, cancelled)
+
+    def _run_job(self, replica: Replica, model: ServedModel, request: GenerationRequest) -> bool:
         job_id = request.job_id
         deadline = time.monotonic() + self._job_timeout_s
-        self.current_job = job_id
+        replica.current_job, replica.state = job_id, "busy"
         try:
-            broadcast_message(self.ctx, request)
             self._events.on_started(job_id)
-            result = run_request(
-                self.ctx, model, request,
+            result = self._execute(
+                replica, model, request,
                 progress=lambda done, total: self._events.on_progress(job_id, done, total),
                 cancelled=lambda: (self._stopping or job_id in self._cancelled
                                    or time.monotonic() > deadline),
@@ -157,18 +213,32 @@ class Engine:
             # ranks are still in step
             self._events.on_failed(job_id, f"the LoRA could not be loaded: {exc}",
                                    "lora_load_failed")
+        except ReplicaLost as exc:
+            log.error("job %s: %s", job_id, exc)
+            self._events.on_failed(job_id, f"a rank died or stopped responding: {exc}",
+                                   "engine_failure")
+            self._fail(f"a rank died or stopped responding: {exc}")
+            return False
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            self._events.on_failed(job_id, f"generation failed: {exc}", "generation_failed")
-            if self.ctx.world_size > 1:
-                # the other ranks may be inside a collective of this job, and on NCCL they
-                # cannot be put back in step: stop, so that every rank restarts clean
-                self._fail(f"a job failed on rank 0 ({exc}); the engine stops so that every "
-                           "rank restarts in a known state")
+            log.exception("job %s failed on replica %d", job_id, replica.index)
+            self._events.on_failed(job_id, f"generation failed: {exc}"
+                                   if not isinstance(exc, ReplicaFailed) else str(exc),
+                                   "generation_failed")
+            fatal = exc.fatal if isinstance(exc, ReplicaFailed) else self.ctx.replica_size > 1
+            if fatal:
+                # the replica's other ranks may be inside a collective of this job, and on
+                # NCCL they cannot be put back in step: stop, so that every rank restarts clean
+                self._fail(f"a job failed on replica {replica.index} ({exc}); the engine "
+                           "stops so that every rank restarts in a known state")
                 return False
         finally:
-            self.current_job = None
+            replica.current_job = None
+            replica.jobs_run += 1
+            if replica.state == "busy":
+                replica.state = "idle"
             self._take_cancel(job_id)
+        if replica.index in self._remote:
+            return True  # its leader ran the end of the job before it answered
         try:
             end_of_job(self.ctx, model)
         except Exception as exc:
@@ -184,11 +254,15 @@ class Engine:
                 return True
             return False
 
-    def _broadcast_shutdown(self, reason: str) -> None:
+    def _tell_replica_to_stop(self, replica: Replica, reason: str) -> None:
         try:
-            broadcast_message(self.ctx, Shutdown(reason))
+            remote = self._remote.get(replica.index)
+            if remote is not None:
+                remote.shutdown(reason)
+            else:
+                broadcast_message(self.ctx, Shutdown(reason))
         except Exception as exc:
-            log.warning("could not tell the other ranks to stop: %s", exc)
+            log.warning("could not tell replica %d to stop: %s", replica.index, exc)
 
     def _fail(self, message: str) -> None:
         self.state = "failed"

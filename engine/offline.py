@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the list this many times")
     ours, rest = parser.parse_known_args(argv)
     cfg = load_config(rest)
+    if cfg.layout.dp > 1:
+        raise SystemExit("the offline runner drives one replica: run it without --dp")
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     setup_logging(cfg.log_level, ctx.rank)
     try:

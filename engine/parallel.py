@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch.distributed as dist
-
 from engine.config import ServerConfig
 from engine.distributed import DistContext
 
@@ -17,14 +15,14 @@ log = logging.getLogger("wanserve.engine")
 
 
 def shard_vae(cfg: ServerConfig, ctx: DistContext) -> bool:
-    """Whether the VAE is sharded by rows across the ranks: `parallel.vae` true, or auto and
-    the preset's smallest frame has at least one latent row per rank."""
-    if ctx.world_size == 1 or cfg.parallel_vae == "false":
+    """Whether the VAE is sharded by rows across the replica's ranks: `parallel.vae` true, or
+    auto and the preset's smallest frame has at least one latent row per rank."""
+    if ctx.replica_size == 1 or cfg.parallel_vae == "false":
         return False
-    fits = cfg.limits.min_side // 8 >= ctx.world_size
+    fits = cfg.limits.min_side // 8 >= ctx.replica_size
     if cfg.parallel_vae == "auto" and not fits and ctx.is_driver:
-        log.info("VAE on rank 0 alone: %d ranks but %d latent rows at the smallest allowed "
-                 "size", ctx.world_size, cfg.limits.min_side // 8)
+        log.info("VAE on each replica's leader alone: %d ranks but %d latent rows at the "
+                 "smallest allowed size", ctx.replica_size, cfg.limits.min_side // 8)
     return cfg.parallel_vae == "true" or fits
 
 
@@ -41,28 +39,30 @@ def start_parallel_runtime(pipe, cfg: ServerConfig, ctx: DistContext, model_path
         model=str(model_path),
         ulysses_degree=cfg.layout.ulysses,
         ring_degree=cfg.layout.ring,
+        data_parallel_degree=cfg.layout.dp,
         use_cfg_parallel=cfg.layout.cfg == 2,
         attention_backend=attention_backend,
     ).create_config()
     initialize_runtime_state(pipe, engine_config)
     vae_group = None
     if shard_vae(cfg, ctx):
-        # distvae shards the VAE's rows across every rank (halo exchange per convolution,
-        # exact); it replaces the encoder and decoder modules in place, once at start-up.
+        # distvae shards the VAE's rows across the replica's ranks (halo exchange per
+        # convolution, exact); it replaces the encoder and decoder modules in place, once.
         from distvae.vae import parallel as distvae_parallel
 
-        vae_group = dist.group.WORLD
+        vae_group = ctx.replica_group
         distvae_parallel.parallelize_decoder(pipe.vae, vae_group)
         distvae_parallel.parallelize_encoder(pipe.vae, vae_group)
-    vae = f"sharded over {ctx.world_size} ranks" if vae_group is not None else None
+    vae = f"sharded over {ctx.replica_size} ranks" if vae_group is not None else None
     exchanges = "nccl" if ctx.device.type == "cuda" else "gloo"
     return {
         "layout": cfg.layout.describe(),
         "world_size": ctx.world_size,
+        "replicas": cfg.layout.dp,
         "transformer": "sequence-parallel" if cfg.layout.sp > 1 else "single",
         "cfg_branches": "parallel" if cfg.layout.cfg == 2 else "sequential",
         "text_encoder": "replicated",
         "vae_encode": vae or "replicated",
-        "vae_decode": vae or "rank 0",
-        "exchanges": exchanges if ctx.world_size > 1 else "none (one rank)",
+        "vae_decode": vae or ("rank 0" if cfg.layout.dp == 1 else "each replica's leader"),
+        "exchanges": exchanges if ctx.replica_size > 1 else "none (one rank)",
     }, vae_group

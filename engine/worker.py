@@ -23,16 +23,16 @@ _FAIL_AT = os.environ.get("WANSERVE_TEST_FAIL_AT")
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
                 progress: Progress | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
-    """Runs on every rank; returns the frames on rank 0, None elsewhere.
+    """Runs on every rank of a replica; returns the frames on its leader, None elsewhere.
 
-    After every step rank 0 reports progress and all ranks agree on `cancelled()` (rank 0's
-    answer) in one tiny collective, so a cancel stops every rank at the same step. The VAE
-    decode checks again before each latent frame: with a sharded VAE all ranks agree, with the
-    VAE on rank 0 alone rank 0 decides by itself.
+    After every step the leader reports progress and all ranks agree on `cancelled()` (the
+    leader's answer) in one tiny collective, so a cancel stops every rank at the same step. The
+    VAE decode checks again before each latent frame: with a sharded VAE all ranks agree, with
+    the VAE on the leader alone it decides by itself.
     """
 
     def agreed() -> bool:
-        return agree(ctx, cancelled() if ctx.is_driver else False)
+        return agree(ctx, cancelled() if ctx.is_leader else False)
 
     def on_step(done: int, total: int) -> bool:
         if _FAIL_AT == f"{ctx.rank}:{done}":
@@ -43,18 +43,19 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
 
     # a sharded VAE decodes on every rank together; only rank 0 needs the frames
     try:
-        result = generate(model.pipe, request, on_step, decode=ctx.is_driver or model.vae_sharded,
-                          frames=ctx.is_driver,
+        result = generate(model.pipe, request, on_step, decode=ctx.is_leader or model.vae_sharded,
+                          frames=ctx.is_leader,
                           decode_cancelled=agreed if model.vae_sharded else cancelled,
                           adapters=model.adapters)
     except JobCancelled as exc:  # at WARNING: the level every rank logs
         log.warning("rank %d: %s", ctx.rank, exc)
         raise
-    return result if ctx.is_driver else None
+    return result if ctx.is_leader else None
 
 
 def worker_loop(ctx: DistContext, model: ServedModel) -> None:
-    """Ranks != 0: receive → stop if told → generate, until shutdown.
+    """The ranks of a replica other than its leader: receive → stop if told → generate, until
+    shutdown.
 
     A job that fails on this rank ends the process: the other ranks may be waiting for it in a
     collective of that job, and on NCCL there is no putting them back in step. They notice at

@@ -52,7 +52,7 @@ def tune(pipe, settings, ctx, vae_group) -> tuple[dict, Callable[[], None] | Non
         vae_attention.shard_vae_attention(pipe.vae)
         report["sharded_vae"] = "halos overlapped, mid-block attention split by rows"
     after_job = None
-    if ctx.world_size > 1 and settings.shared_memory:
+    if ctx.replica_size > 1 and settings.shared_memory:
         from engine.cpu import shm_transport
 
         routed = shm_transport.enable(ctx.collective_timeout_s,

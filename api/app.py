@@ -14,6 +14,7 @@ from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
 from sanic.response import HTTPResponse, json, raw
 
+from api.capabilities import model_capabilities
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from api.events import follow
@@ -109,6 +110,7 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     app.config.RESPONSE_TIMEOUT = max(600, int(cfg.job_timeout_s) + 60)
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.ctx.service = service
+    capabilities = model_capabilities(cfg).model_dump()
 
     @app.on_request
     async def authenticate(request: Request):
@@ -237,7 +239,7 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
                      "lora": spec.public()} for spec in cfg.adapters]
         return json({"object": "list", "data": [{
             "id": cfg.served_model_name, "object": "model", "created": created,
-            "owned_by": "wanserve", "root": cfg.model, **info,
+            "owned_by": "wanserve", "root": cfg.model, **info, "capabilities": capabilities,
             "adapters": [spec.public() for spec in cfg.adapters]}, *adapters]})
 
     @app.get("/metrics")

@@ -6,13 +6,14 @@ import hmac
 import json as jsonlib
 import re
 import time
+from pathlib import Path
 from urllib.parse import parse_qs
 
 from sanic import Request, Sanic
 from sanic.exceptions import MethodNotAllowed, SanicException
 from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
-from sanic.response import HTTPResponse, json, raw
+from sanic.response import HTTPResponse, file, json, raw
 
 from api.capabilities import model_capabilities
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
@@ -24,6 +25,7 @@ from engine.config import ServerConfig
 
 POLL_AFTER_MS = "500"
 POLL_HEADERS = {"openai-poll-after-ms": POLL_AFTER_MS}
+STATIC_DIR = Path(__file__).parent / "static"  # the playground: no build step, no key needed
 
 
 def _reject_constant(name: str):
@@ -111,6 +113,11 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.ctx.service = service
     capabilities = model_capabilities(cfg).model_dump()
+    app.static("/static", STATIC_DIR, name="playground_files")
+
+    @app.get("/")
+    async def playground(request: Request):
+        return await file(STATIC_DIR / "index.html", mime_type="text/html; charset=utf-8")
 
     @app.on_request
     async def authenticate(request: Request):

@@ -61,10 +61,7 @@ $("key-form").addEventListener("submit", (event) => {
 
 // --- the form, built from /v1/models ----------------------------------------------------
 function option(select, value, label) {
-  const item = document.createElement("option");
-  item.value = value;
-  item.textContent = label;
-  select.append(item);
+  select.append(Object.assign(document.createElement("option"), { value, textContent: label }));
 }
 
 function buildForm(model) {
@@ -282,22 +279,12 @@ function jobRow(job) {
   row.dataset.id = job.id;
   row.dataset.status = job.status;
   const created = new Date(job.created_at * 1000).toLocaleTimeString();
-  for (const text of [job.id.slice(-8), job.status, `${job.progress}%`, job.size,
-                      job.num_frames, created]) {
-    const cell = document.createElement("td");
-    cell.textContent = text;
-    row.append(cell);
-  }
+  const cells = [job.id.slice(-8), job.status, `${job.progress}%`, job.size, job.num_frames, created];
+  row.append(...cells.map((text) => Object.assign(document.createElement("td"), { textContent: text })));
   const actions = document.createElement("td");
-  const button = (label, action) => {
-    const item = document.createElement("button");
-    item.type = "button";
-    item.className = `small ${label.toLowerCase()}`;
-    item.textContent = label;
-    item.addEventListener("click", action);
-    actions.append(item);
-  };
-  if (job.status === "completed") button("Play", () => { track(job); });
+  const button = (label, action) => actions.append(Object.assign(document.createElement("button"), {
+    type: "button", className: `small ${label.toLowerCase()}`, textContent: label, onclick: action }));
+  if (job.status === "completed") button("Play", () => track(job));
   button(TERMINAL.includes(job.status) ? "Delete" : "Cancel", () => cancel(job.id));
   row.append(actions);
   return row;
@@ -318,15 +305,9 @@ $("refresh").addEventListener("click", refreshJobs);
 
 // --- start ------------------------------------------------------------------------------
 async function showEngine() {
-  try {
-    const health = await (await fetch("/health")).json();
-    $("engine").textContent = health.engine;
-    $("engine").dataset.state = health.engine;
-    if (health.engine !== "ready") setTimeout(showEngine, 2000);
-  } catch (_) {
-    $("engine").textContent = "unreachable";
-    setTimeout(showEngine, 2000);
-  }
+  const engine = await fetch("/health").then((r) => r.json()).then((h) => h.engine, () => "unreachable");
+  $("engine").textContent = $("engine").dataset.state = engine;
+  if (engine !== "ready") setTimeout(showEngine, 2000);
 }
 
 async function start() {

@@ -122,6 +122,12 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def _sizes(value) -> tuple[str, ...]:
+    """`sizes:` as a YAML list, or one string (`--set sizes=832x480,480x832`)."""
+    items = value.split(",") if isinstance(value, str) else (value or ())
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanserve", description="Serve Wan2.2 image-to-video.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset")
@@ -202,7 +208,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
         dtype=args.dtype or tree.get("dtype", "float32"),
         defaults=Defaults(**tree["defaults"]),
-        sizes=tuple(str(size) for size in tree.get("sizes") or ()),
+        sizes=_sizes(tree.get("sizes")),
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),

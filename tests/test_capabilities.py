@@ -42,3 +42,9 @@ def test_each_offered_size_and_default_is_accepted(path):
         image, cfg)
     assert (request.num_frames, request.fps) == (d.num_frames, d.fps)
     assert caps.limits.max_steps == cfg.limits.max_steps and caps.last_frame is False
+
+
+def test_sizes_from_the_command_line():
+    """Checked with: `_sizes` not splitting a string (engine/config.py), one size per character."""
+    cfg = load_config(["--set", "sizes=96x96, 64x48"])
+    assert model_capabilities(cfg).sizes == ["96x96", "64x48"]

@@ -194,7 +194,7 @@ async function follow(id, signal) {
       return showError(error);
     }
   }
-  if (last.status === "completed") await Promise.all([showVideo(id), showFacts(id)]);
+  if (last.status === "completed") await Promise.all([showVideo(id), showFacts(id)]).catch(showError);
   refreshJobs();
 }
 

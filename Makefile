@@ -4,9 +4,23 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: install test serve bench reliability flash-attn clean
+.PHONY: install browser test serve bench reliability flash-attn clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# Debian's chromium and its driver for the playground's browser test (tests/test_playground.py)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    echo "wanserve: installing chromium and chromium-driver with apt-get"; \
+	    $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "wanserve: apt-get is not available here: install chromium and chromedriver as"; \
+	    echo "  /usr/bin/chromium and /usr/bin/chromedriver, or tests/test_playground.py fails"; \
+	  fi; \
+	fi
 
 # A machine whose python3 already has torch (a GPU box with its CUDA build) keeps it:
 # the venv then sees the system site-packages. Elsewhere torch==$(TORCH_VERSION) (CPU) is

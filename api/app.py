@@ -6,14 +6,16 @@ import hmac
 import json as jsonlib
 import re
 import time
+from pathlib import Path
 from urllib.parse import parse_qs
 
 from sanic import Request, Sanic
 from sanic.exceptions import MethodNotAllowed, SanicException
 from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
-from sanic.response import HTTPResponse, json, raw
+from sanic.response import HTTPResponse, file, json, raw
 
+from api.capabilities import model_capabilities
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from api.events import follow
@@ -23,6 +25,7 @@ from engine.config import ServerConfig
 
 POLL_AFTER_MS = "500"
 POLL_HEADERS = {"openai-poll-after-ms": POLL_AFTER_MS}
+STATIC_DIR = Path(__file__).parent / "static"  # the playground: no build step, no key needed
 
 
 def _reject_constant(name: str):
@@ -109,6 +112,12 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     app.config.RESPONSE_TIMEOUT = max(600, int(cfg.job_timeout_s) + 60)
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.ctx.service = service
+    capabilities = model_capabilities(cfg).model_dump()
+    app.static("/static", STATIC_DIR, name="playground_files")
+
+    @app.get("/")
+    async def playground(request: Request):
+        return await file(STATIC_DIR / "index.html", mime_type="text/html; charset=utf-8")
 
     @app.on_request
     async def authenticate(request: Request):
@@ -238,7 +247,7 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
                      "lora": spec.public()} for spec in cfg.adapters]
         return json({"object": "list", "data": [{
             "id": cfg.served_model_name, "object": "model", "created": created,
-            "owned_by": "wanserve", "root": cfg.model, **info,
+            "owned_by": "wanserve", "root": cfg.model, **info, "capabilities": capabilities,
             "adapters": [spec.public() for spec in cfg.adapters]}, *adapters]})
 
     @app.get("/metrics")

@@ -1,7 +1,7 @@
 """The served OpenAPI 3.1 document, built from the protocol models."""
 from __future__ import annotations
 
-from api.protocol import VideoCreateParams, VideoEvent, VideoJob
+from api.protocol import ModelCapabilities, VideoCreateParams, VideoEvent, VideoJob
 from engine.config import ServerConfig
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -63,6 +63,7 @@ def openapi_spec(cfg: ServerConfig) -> dict:
                                           "application/json": {"schema": create}}}
     job = VideoJob.model_json_schema(ref_template=REF)
     event = VideoEvent.model_json_schema(ref_template=REF)
+    capabilities = ModelCapabilities.model_json_schema(ref_template=REF)
     video_id = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
     sync = {"allOf": [{"$ref": "#/components/schemas/Video"}, {"type": "object", "properties": {
         "created": {"type": "integer"},
@@ -73,7 +74,8 @@ def openapi_spec(cfg: ServerConfig) -> dict:
         "info": {"title": "wanserve", "version": "0.1.0",
                  "description": f"Image-to-video with {cfg.served_model_name}"},
         "components": {"schemas": {"Error": _ERROR, "Video": job, "VideoSync": sync,
-                                   "VideoEvent": event, **event.pop("$defs", {}),
+                                   "VideoEvent": event, "ModelCapabilities": capabilities,
+                                   **capabilities.pop("$defs", {}), **event.pop("$defs", {}),
                                    **job.pop("$defs", {}), **create.pop("$defs", {})}},
         "paths": {
             "/v1/videos": {
@@ -132,7 +134,9 @@ def openapi_spec(cfg: ServerConfig) -> dict:
                                       "206": {"description": "a byte range of the MP4"},
                                       **_errors(400, 401, 404, 416)}},
             },
-            "/v1/models": {"get": {"responses": {"200": {"description": "served models"}}}},
+            "/v1/models": {"get": {"responses": {"200": {
+                "description": "served models; the served model's entry has `capabilities` "
+                               "(ModelCapabilities: sizes, defaults, limits, inputs)"}}}},
             "/health": {"get": {"responses": {"200": {"description": "ready"},
                                               "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"responses": {"200": {"description": "Prometheus metrics"}}}},

@@ -112,3 +112,39 @@ class VideoEvent(BaseModel):
     step: Optional[int] = None
     total_steps: Optional[int] = None
     error: Optional[VideoError] = None
+
+
+class ModelDefaults(BaseModel):
+    """What a request gets for a field it leaves out."""
+
+    size: Optional[str] = Field(description="null: the first frame's aspect ratio at the "
+                                "preset's pixel area")
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    negative_prompt: str
+
+
+class ModelLimits(BaseModel):
+    min_side: int
+    max_side: int
+    max_pixels: int
+    max_frames: int
+    max_fps: int
+    max_steps: int
+    max_prompt_chars: int
+    max_upload_bytes: int
+
+
+class ModelCapabilities(BaseModel):
+    """`capabilities` of the served model's `/v1/models` entry: what a client needs to build
+    a request form (the playground at `/` builds its own from it)."""
+
+    first_frame_required: bool
+    last_frame: bool = Field(description="whether a `last_frame` image is accepted")
+    sizes: list[str] = Field(description="WxH choices within the limits, at the preset's "
+                             "pixel area")
+    defaults: ModelDefaults
+    limits: ModelLimits

@@ -103,6 +103,7 @@ class ServerConfig:
     log_level: str = "INFO"
     create_response: str = "sync"  # what POST /v1/videos answers without `Prefer: respond-async`
     config_path: Path = DEFAULT_CONFIG
+    sizes: tuple[str, ...] = ()  # the `sizes:` a client is offered (WxH); none: derived
     adapters: tuple[AdapterSpec, ...] = ()  # the `loras:` section and --lora flags
     lora_dir: str | None = None  # requests may name .safetensors files under it
     lora_cache: int = 4  # --lora-dir adapters kept loaded (least recently used go first)
@@ -119,6 +120,12 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
     node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _sizes(value) -> tuple[str, ...]:
+    """`sizes:` as a YAML list, or one string (`--set sizes=832x480,480x832`)."""
+    items = value.split(",") if isinstance(value, str) else (value or ())
+    return tuple(str(item).strip() for item in items if str(item).strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +211,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
         dtype=args.dtype or tree.get("dtype", "float32"),
         defaults=Defaults(**tree["defaults"]),
+        sizes=_sizes(tree.get("sizes")),
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),

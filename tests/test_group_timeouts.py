@@ -1,9 +1,9 @@
 """Every process group of a job has the configured `--collective-timeout`: the world, the step
 channel, and the groups xfuser and yunchang create for Ulysses, ring and CFG parallelism (which
-would otherwise get torch's 30-minute gloo / 10-minute NCCL default). Only the control channel,
-on which idle ranks wait for the next request, has a long one.
+would otherwise get torch's 30-minute gloo / 10-minute NCCL default). Only the channels on which
+idle ranks wait (the next request, the ready barrier, a replica leader's next job) have a long one.
 
-Runs as this file under torchrun (U2 x C2 on 4 ranks); rank 0 prints what it found.
+Runs as this file under torchrun (two replicas of U2 on 4 ranks); rank 0 prints what it found.
 Checked with: `init_distributed` without `groups_created_with` (xfuser's groups report 30 min).
 """
 from __future__ import annotations
@@ -33,13 +33,16 @@ def _timeouts() -> dict:
     from engine.distributed import init_distributed
     from engine.layout import ParallelLayout
 
-    ctx = init_distributed(ParallelLayout(ulysses=2, cfg=2), TIMEOUT_S)
+    # two replicas of U2: rank 0 also holds the link to replica 1's leader
+    ctx = init_distributed(ParallelLayout(ulysses=2, dp=2), TIMEOUT_S)
     seconds = {}
     for group in dist.distributed_c10d._world.pg_map:
         backend = group._get_backend(torch.device("cpu"))
         seconds[group] = backend.options._timeout.total_seconds()
-    control = seconds.pop(ctx.control_group)
-    return {"groups": len(seconds) + 1, "control": control,
+    waits = [ctx.control_group, ctx.world_control, *(link.jobs for link in ctx.links)]
+    control = sorted({seconds.pop(group) for group in waits})
+    assert len(control) == 1, control
+    return {"groups": len(seconds) + len(waits), "control": control[0],
             "others": sorted(set(seconds.values()))}
 
 

@@ -83,10 +83,15 @@ launcher=$!
 
 # SIGTERM/SIGINT go to the ranks, not to torchrun: rank 0 drains and tells the others to
 # stop, every rank exits 0, and torchrun with them. torchrun escalates on its own if not.
+# Once: a second signal would reach a rank while Python tears it down (when its handlers are
+# gone) and kill it mid-exit.
 signalled=""
 stop_ranks() {
+  [ -z "$signalled" ] || return 0
   signalled=$(pgrep -P "$launcher" | sort || true)
-  [ -n "$signalled" ] && kill -TERM $signalled 2>/dev/null || kill -TERM "$launcher" 2>/dev/null || true
+  if [ -n "$signalled" ] && kill -TERM $signalled 2>/dev/null; then return 0; fi
+  signalled=torchrun  # no ranks (yet): torchrun stops whatever it started
+  kill -TERM "$launcher" 2>/dev/null || true
 }
 trap stop_ranks TERM INT
 running() { ps -o stat= -p "$launcher" 2>/dev/null | grep -q '^[^Z]'; }

@@ -1,8 +1,9 @@
 """The job store: job metadata in SQLite, MP4s as files under --data-dir.
 
 Live jobs are kept in memory too, so per-step progress costs no disk write; every status
-change is written through. On start-up, jobs that were queued or running when the previous
-process died come back as `failed` with a reason.
+change is written through. Each live job's inputs are kept too (api/job_inputs.py), until it
+ends. On start-up, jobs that were queued or running when the previous process stopped come back
+queued (`interrupted`), in creation order, for the service to run again.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from api.job_inputs import JobInputs
+
 log = logging.getLogger("wanserve.api")
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -23,7 +26,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 _COLUMNS = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at", "model",
             "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
             "error_message", "timings", "video_file", "num_inference_steps", "quality",
-            "peak_memory_mb", "peak_memory_kind")
+            "peak_memory_mb", "peak_memory_kind", "attempts", "last_error")
 # timings that are not a stage of their own (a mean, a total)
 _NOT_STAGES = ("step_mean", "generate_total")
 
@@ -51,11 +54,14 @@ class Job:
     quality: str = "high"
     peak_memory_mb: float | None = None
     peak_memory_kind: str | None = None
+    attempts: int = 0  # times the engine started it
+    last_error: str | None = None  # why its last attempt ended without an end (not public)
     created_ns: int = field(default_factory=time.time_ns)  # total order for listing
 
     def public(self) -> dict:
         body = {k: v for k, v in asdict(self).items()
-                if k not in ("error_code", "error_message", "video_file", "created_ns")}
+                if k not in ("error_code", "error_message", "video_file", "created_ns",
+                             "last_error")}
         body["object"] = "video"
         body["error"] = ({"code": self.error_code, "message": self.error_message}
                          if self.error_code else None)
@@ -80,6 +86,7 @@ class JobStore:
         self.video_dir = self.data_dir / "videos"
         self.video_dir.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
+        self.inputs = JobInputs(self.data_dir / "inputs")
         self._lock = threading.RLock()  # guards _live and the one connection
         self._live: dict[str, Job] = {}
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False,
@@ -92,14 +99,23 @@ class JobStore:
         for column in _COLUMNS:  # a data dir written before these columns existed
             if column not in present:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
-        self._recover()
+        self.interrupted = self._recover()
 
-    def _recover(self) -> None:
+    def _recover(self) -> list[Job]:
+        """The jobs the previous process left queued or running, live again as queued, in
+        creation order; inputs of jobs no longer live (a save cut short) are dropped."""
         with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status='failed', error_code='server_restarted', "
-                "error_message='the server stopped before this job finished', completed_at=? "
-                "WHERE status IN ('queued', 'in_progress')", (int(time.time()),))
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status IN "
+                                    "('queued', 'in_progress') ORDER BY created_ns").fetchall()
+            jobs = [self._from_row(row) for row in rows]
+            for job in jobs:
+                job.status, job.progress = "queued", 0
+                self._live[job.id] = job
+                self._write(job)
+        for name in self.inputs.job_ids():
+            if name not in self._live:
+                self.inputs.remove(name)
+        return jobs
 
     def _write(self, job: Job) -> None:
         row = asdict(job)
@@ -113,13 +129,22 @@ class JobStore:
         values = dict(zip(_COLUMNS, row))
         values["timings"] = json.loads(values["timings"] or "{}")
         values["quality"] = values["quality"] or "high"
+        values["attempts"] = values["attempts"] or 0
         return Job(**values)
 
     # --- writes ---------------------------------------------------------------------------
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, fields: dict, files: dict[str, bytes]) -> None:
+        """Store a new job with the inputs that can run it again (those first: a stored job
+        always has them)."""
+        self.inputs.save(job.id, fields, files)
         with self._lock:
             self._live[job.id] = job
-            self._write(job)
+            try:
+                self._write(job)
+            except BaseException:
+                del self._live[job.id]
+                self.inputs.remove(job.id)
+                raise
 
     def update(self, job_id: str, persist: bool = True, **changes) -> Job | None:
         """Apply changes to a live job. If the write fails (a full disk), the job stays
@@ -139,6 +164,7 @@ class JobStore:
                     return job
             if job.status in TERMINAL:
                 del self._live[job_id]
+                self.inputs.remove(job_id)
             return job
 
     def save_video(self, job_id: str, data: bytes) -> str:
@@ -163,6 +189,7 @@ class JobStore:
             if row is None:
                 return False
             self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        self.inputs.remove(job_id)
         if row[0]:
             (self.video_dir / row[0]).unlink(missing_ok=True)
         return True

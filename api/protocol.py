@@ -101,6 +101,8 @@ class VideoJob(BaseModel):
     peak_memory_mb: Optional[float] = Field(default=None, description="rank 0's peak memory "
                                             "during the job, of the kind `peak_memory_kind` says")
     peak_memory_kind: Optional[Literal["cuda_max_allocated", "cpu_rss_high_water"]] = None
+    attempts: int = Field(default=0, description="times the engine started the job: a restart "
+                          "runs an interrupted job again, at most `server.max_attempts` times")
 
 
 class VideoEvent(BaseModel):

@@ -9,6 +9,7 @@ from typing import Callable
 from api.app import create_app
 from api.jobs import JobStore
 from api.metrics import Metrics
+from api.resume import resume_interrupted
 from api.serving import VideoService
 from engine.config import ServerConfig
 from engine.distributed import DistContext
@@ -34,6 +35,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         service.loop = service.events.loop = loop
         service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(stop_once)
         engine.start()
+        app.add_task(resume_interrupted(service), name="resume-jobs")
         app.add_task(expire_videos(), name="expire-videos")
 
     async def expire_videos():
@@ -49,18 +51,22 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         if not stopping:
             app.stop()
 
-    @app.before_server_stop
-    async def stop_background(app):
-        nonlocal stopping
-        stopping = True
-        await app.cancel_task("expire-videos", raise_exception=False)
-
     stopped_cleanly = True
 
-    @app.after_server_stop
+    @app.before_server_stop
     async def stop_engine(app):
-        nonlocal stopped_cleanly
+        """Before the HTTP server drains, so that every synchronous caller still gets an
+        answer: its job's, or that the job is kept for the restart."""
+        nonlocal stopping, stopped_cleanly
+        stopping = True
+        service.begin_stop()
+        for task in ("resume-jobs", "expire-videos"):
+            await app.cancel_task(task, raise_exception=False)
         stopped_cleanly = await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        service.release_waiters()
+
+    @app.after_server_stop
+    async def close_store(app):
         service.close()
         store.close()
 

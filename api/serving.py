@@ -2,6 +2,11 @@
 
 Engine events arrive on the engine thread; MP4 encoding runs on this service's own executor,
 so the engine thread is free for the next job while the previous one is being encoded.
+
+A stop loses no job: one the engine gives back unfinished because the server stops, or because a
+rank broke and the engine stops for a restart, goes back to `queued` with its inputs kept, and
+the next start runs it again (api/resume.py). Its synchronous caller gets 503
+`server_restarting` naming the job.
 """
 from __future__ import annotations
 
@@ -41,20 +46,33 @@ class VideoService:
         self._steps: dict[str, int] = {}  # steps done by the running job
         self._replicas: dict[str, str] = {}  # the replica running each job (a metrics label)
         self.events = EventHub()
+        self.stopping = False
+        self._encoding: set[str] = set()  # generated, MP4 being written: answered when stored
+        self.resuming = False  # jobs from before a restart still going back into the queue
 
     # --- requests (event loop) ------------------------------------------------------------
     def _require_engine(self) -> Engine:
+        if self.stopping:
+            raise EngineUnavailable("the server is stopping; retry once it is back",
+                                    code="server_restarting", headers={"Retry-After": "10"})
+        if self.resuming:  # they go first: they were submitted first
+            raise EngineUnavailable("the server is queueing the jobs it had before its restart",
+                                    code="engine_not_ready", headers={"Retry-After": "1"})
         if self.engine is None or self.engine.state != "ready":
             state = self.engine.state if self.engine else "starting"
             raise EngineUnavailable(f"the engine is not ready ({state})", code="engine_not_ready",
                                     headers={"Retry-After": "5"})
         return self.engine
 
-    def create_job(self, fields: dict, image_bytes: bytes | None) -> Job:
-        engine = self._require_engine()
+    def request_for(self, job_id: str, fields: dict, files: dict[str, bytes]):
+        """(params, GenerationRequest) from a request's fields and file parts."""
         params = parse_params(fields)
+        return params, resolve_request(job_id, params, files.get("input_reference"), self.cfg)
+
+    def create_job(self, fields: dict, files: dict[str, bytes]) -> Job:
+        engine = self._require_engine()
         job_id = new_job_id()
-        request = resolve_request(job_id, params, image_bytes, self.cfg)
+        params, request = self.request_for(job_id, fields, files)
         job = Job(id=job_id, status="queued", created_at=int(time.time()),
                   model=self.cfg.served_model_name, prompt=request.prompt,
                   seconds=f"{request.num_frames / request.fps:g}",
@@ -62,7 +80,8 @@ class VideoService:
                   num_frames=request.num_frames, fps=request.fps,
                   num_inference_steps=request.num_inference_steps,
                   quality=params.quality or "high")
-        self.store.add(job)
+        # the seed pinned: a re-run after a restart makes the same video
+        self.store.add(job, {**fields, "seed": request.seed}, files)
         queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
         try:
@@ -84,12 +103,20 @@ class VideoService:
         return self.store.get(job_id)
 
     async def wait_for_caller(self, job_id: str) -> Job:
-        """`wait` for a synchronous caller: if it goes away, the job is cancelled."""
+        """`wait` for a synchronous caller: if it goes away, the job is cancelled. If the server
+        stops first, the job stays for the restart and the caller is told so."""
         try:
-            return await self.wait(job_id)
+            job = await self.wait(job_id)
         except asyncio.CancelledError:
-            self.cancel_abandoned(job_id)
+            if not self.stopping:  # a stop closes every connection: nobody went away
+                self.cancel_abandoned(job_id)
             raise
+        if job is not None and job.status not in TERMINAL:
+            raise EngineUnavailable(
+                f"the server is restarting before video {job_id} was done; the job is kept and "
+                f"runs after the restart: poll GET /v1/videos/{job_id}", code="server_restarting",
+                headers={"Retry-After": "10"})
+        return job
 
     def video_bytes(self, job: Job) -> bytes:
         """The finished job's MP4, or the error a synchronous caller gets instead."""
@@ -149,7 +176,9 @@ class VideoService:
         self._started[job_id] = self._last_step[job_id] = time.perf_counter()
         self._replicas[job_id] = replica = self._replica(job_id)
         self.metrics.replica_jobs.labels(replica).inc()
-        self.store.update(job_id, status="in_progress")
+        job = self.store.get(job_id)
+        self.store.update(job_id, status="in_progress", attempts=(job.attempts if job else 0) + 1,
+                          last_error=None)
 
     def on_progress(self, job_id: str, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -165,6 +194,7 @@ class VideoService:
             log.info("job %s [%-20s] step %d/%d", job_id, "#" * (20 * done // total), done, total)
 
     def on_finished(self, job_id: str, result: GenerationResult) -> None:
+        self._encoding.add(job_id)
         self._encoder.submit(self._encode_and_complete, job_id, result)
 
     def _encode_and_complete(self, job_id: str, result: GenerationResult) -> None:
@@ -193,6 +223,11 @@ class VideoService:
         self._resolve(job_id)
 
     def on_failed(self, job_id: str, message: str, code: str) -> None:
+        """`server_shutdown` and `engine_failure` (a job the engine went down under: on several
+        ranks rank 0 cannot tell a job that broke from a peer that died) keep the job for the
+        next start, which runs it again up to `server.max_attempts` times."""
+        if code in ("server_shutdown", "engine_failure"):
+            return self._keep_for_restart(job_id, message)
         self.store.update(job_id, status="failed", completed_at=int(time.time()),
                           error_code=code, error_message=message)
         self.metrics.jobs.labels("failed").inc()
@@ -209,13 +244,31 @@ class VideoService:
         self._resolve(job_id)
 
     def on_fatal(self, message: str) -> None:
+        """The engine stopped for a restart: its jobs stay queued in the store for the next
+        start; their synchronous callers are answered now."""
         log.error("engine failure: %s", message)
-        for job_id in list(self._waiters):
-            job = self.store.get(job_id)
-            if job is not None and job.status not in TERMINAL:
-                self.on_failed(job_id, message, "engine_failure")
+        self.release_waiters()
         if self.on_fatal_hook is not None:
             self.on_fatal_hook(message)
+
+    def _keep_for_restart(self, job_id: str, reason: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            log.info("job %s goes back to the queue for the next start: %s", job_id, reason)
+            self.store.update(job_id, status="queued", progress=0, last_error=reason)
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def begin_stop(self) -> None:
+        """No new jobs from here on; a caller cut off by the stop is not a caller who left."""
+        self.stopping = True
+
+    def release_waiters(self) -> None:
+        """Answer every synchronous caller still waiting (`wait_for_caller` tells the ones
+        whose job is not done that it runs after the restart)."""
+        for job_id in list(self._waiters):
+            if job_id not in self._encoding:
+                self._resolve(job_id)
 
     def _resolve(self, job_id: str) -> None:
         job = self.store.get(job_id)
@@ -224,6 +277,7 @@ class VideoService:
         self._steps.pop(job_id, None)
         self._last_step.pop(job_id, None)
         self._replicas.pop(job_id, None)
+        self._encoding.discard(job_id)
         future = self._waiters.pop(job_id, None)
         if future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))

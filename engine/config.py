@@ -96,6 +96,7 @@ class ServerConfig:
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: REPO_ROOT / "data")
     max_queue: int = 16
+    max_attempts: int = 3  # starts of one job, across restarts, before it fails
     job_timeout_s: float = 3600.0
     video_ttl_s: float = 86400.0
     api_key: str | None = None
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the expert not in use in CPU memory (one 14B expert on the GPU)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--max-queue", type=int)
+    p.add_argument("--max-attempts", type=int,
+                   help="times a job may be started before it fails: a restart runs the jobs it "
+                   "interrupted again (default 3)")
     p.add_argument("--job-timeout", type=float, dest="job_timeout_s")
     p.add_argument("--video-ttl", type=float, dest="video_ttl_s",
                    help="seconds a completed video stays downloadable (expires_at)")
@@ -198,6 +202,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     lora_dir = args.lora_dir or tree.get("lora_dir")
     if lora_dir and not Path(lora_dir).is_dir():
         raise SystemExit(f"--lora-dir {lora_dir}: not a directory")
+    max_attempts = int(pick("max_attempts", 3))
+    if max_attempts < 1:
+        raise SystemExit(f"server.max_attempts must be at least 1, got {max_attempts}")
     create_response = str(pick("create_response", "sync")).lower()
     if create_response not in CREATE_RESPONSES:
         raise SystemExit(f"server.create_response must be one of {', '.join(CREATE_RESPONSES)}, "
@@ -222,6 +229,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         port=int(pick("port", 8000)),
         data_dir=Path(pick("data_dir", os.environ.get("WANSERVE_DATA_DIR", REPO_ROOT / "data"))),
         max_queue=int(pick("max_queue", 16)),
+        max_attempts=max_attempts,
         job_timeout_s=float(pick("job_timeout_s", 3600.0)),
         video_ttl_s=float(pick("video_ttl_s", 86400.0)),
         api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,

@@ -221,10 +221,12 @@ class Engine:
             return False
         except Exception as exc:
             log.exception("job %s failed on replica %d", job_id, replica.index)
+            fatal = exc.fatal if isinstance(exc, ReplicaFailed) else self.ctx.replica_size > 1
+            # `engine_failure`: the engine goes down under the job (the service keeps it for
+            # the next start)
             self._events.on_failed(job_id, f"generation failed: {exc}"
                                    if not isinstance(exc, ReplicaFailed) else str(exc),
-                                   "generation_failed")
-            fatal = exc.fatal if isinstance(exc, ReplicaFailed) else self.ctx.replica_size > 1
+                                   "engine_failure" if fatal else "generation_failed")
             if fatal:
                 # the replica's other ranks may be inside a collective of this job, and on
                 # NCCL they cannot be put back in step: stop, so that every rank restarts clean

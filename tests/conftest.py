@@ -74,10 +74,11 @@ class Server:
 
 
 def start_server(tmp: Path, *args: str, nproc: int = 1, data_dir: Path | None = None,
-                 env: dict | None = None, wait: bool = True) -> Server:
-    port = free_port()
+                 env: dict | None = None, wait: bool = True, port: int | None = None) -> Server:
+    """`port`: a given one (the launchers of one job on several "nodes" share it)."""
+    port = port or free_port()
     data_dir = data_dir or tmp / "data"
-    log_path = tmp / f"server-{port}.log"
+    log_path = tmp / f"server-{port}-{time.monotonic_ns()}.log"
     cmd = ["./launch.sh", "--nproc", str(nproc), "--port", str(port), "--data-dir", str(data_dir),
            *args]
     log_file = open(log_path, "w")
@@ -97,7 +98,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
         try:
             if requests.get(server.url + "/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet; a loaded machine
             pass
         time.sleep(0.5)
     server.stop()

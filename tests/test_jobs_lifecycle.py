@@ -1,16 +1,14 @@
-"""Jobs across restarts, admission control, expiry and abandoned synchronous calls."""
+"""Admission control, expiry and abandoned synchronous calls (restarts: test_restarts.py)."""
 from __future__ import annotations
 
 import http.client
-import os
-import signal
 import time
 from urllib.parse import urlsplit
 
 import requests
 
 from conftest import (CANCELLED, assert_stopped_after_cancel, logged_steps, metric, png_bytes,
-                      rank_pids, start_server)
+                      start_server)
 
 SLOW = {"size": "256x256", "num_frames": "17", "num_inference_steps": "50"}
 QUICK = {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"}
@@ -38,36 +36,6 @@ def wait_status(srv, job_id, wanted, timeout=60):
             return job
         time.sleep(0.05)
     raise AssertionError(f"{job_id} never reached {wanted}: {job}")
-
-
-def test_restart_keeps_completed_jobs_and_fails_interrupted_ones(tmp_path):
-    data_dir = tmp_path / "data"
-    first = start_server(tmp_path, data_dir=data_dir)
-    try:
-        done = submit(first, QUICK, prefer_async=False).json()
-        video = requests.get(f"{first.url}/v1/videos/{done['id']}/content", timeout=10).content
-        running = submit(first, SLOW).json()
-        wait_status(first, running["id"], ("in_progress",))
-        ranks = rank_pids(first.proc.pid)
-        assert ranks
-    finally:
-        os.killpg(first.proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
-        first.proc.wait()
-    # the ranks run in sessions of their own: they must still die with the launcher
-    deadline = time.monotonic() + 15
-    while any(os.path.exists(f"/proc/{pid}") for pid in ranks.values()):
-        assert time.monotonic() < deadline, f"ranks outlived the killed launcher: {ranks}"
-        time.sleep(0.2)
-    second = start_server(tmp_path, data_dir=data_dir)
-    try:
-        kept = requests.get(f"{second.url}/v1/videos/{done['id']}", timeout=5).json()
-        assert kept["status"] == "completed" and kept["seed"] == done["seed"]
-        again = requests.get(f"{second.url}/v1/videos/{done['id']}/content", timeout=10).content
-        assert again == video
-        lost = requests.get(f"{second.url}/v1/videos/{running['id']}", timeout=5).json()
-        assert lost["status"] == "failed" and lost["error"]["code"] == "server_restarted"
-    finally:
-        assert second.stop() == 0
 
 
 def test_full_queue_answers_429_then_recovers(tmp_path):

@@ -168,8 +168,10 @@ def test_a_data_dir_from_before_the_new_job_fields_still_opens(tmp_path):
     db.close()
     store = JobStore(tmp_path, ttl_s=60)
     kept = store.get("video_" + "a" * 32).public()
-    assert (kept["quality"], kept["inference_time_s"], kept["peak_memory_mb"]) == ("high", 1.5, None)
+    assert (kept["quality"], kept["inference_time_s"], kept["peak_memory_mb"],
+            kept["attempts"]) == ("high", 1.5, None, 0)
     store.add(Job(id="video_" + "b" * 32, status="queued", created_at=3, model="m", prompt="p",
-                  seconds="1", size="64x64", seed=1, num_frames=5, fps=8, quality="lossless"))
+                  seconds="1", size="64x64", seed=1, num_frames=5, fps=8, quality="lossless"),
+              {"prompt": "p"}, {})
     assert store.get("video_" + "b" * 32).quality == "lossless"
     store.close()

@@ -1,7 +1,8 @@
 """engine/cpu/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
 exchanges of changing sizes, dtypes and strides (both halves of each rank's file reused), with
 three ranks (a middle rank has two neighbours); a hung peer ends a wait at the timeout and a dead
-one at once, each with a clear error.
+one at once, each with a clear error; ranks that do not share one /dev/shm (other hosts, or
+containers with one each) get no channel, whatever their host names say.
 
 The checks run as this file under torchrun; rank 0 prints the result as JSON.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +32,11 @@ def test_exchanges_match_gloo():
     assert result["too_big_fits"] is False
 
 
-def test_hung_and_dead_peers_end_the_wait():
+def test_hung_and_dead_peers_end_the_wait_and_no_shared_dev_shm_means_gloo():
+    """checked with (/dev/shm): `_sees_peers(...)` replaced by `True` in `open_channel`'s verdict
+    (what the host-name comparison it made before gives on one host): a channel was opened."""
     result = _run(2, "faults")
+    assert result["separate_dev_shm_channel"] is False
     assert "no answer" in result["hung_error"]
     assert 1.0 <= result["hung_after_s"] < 10
     assert "died" in result["dead_error"]
@@ -135,12 +140,16 @@ def _faults() -> dict:
 
     from engine.cpu import shm_exchange
 
+    # two "hosts" on this one: each rank's /dev/shm a folder of its own, one host name
+    shared, shm_exchange.SHM_DIR = shm_exchange.SHM_DIR, tempfile.mkdtemp()
+    separate = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=1.5)
+    shm_exchange.SHM_DIR = shared
     channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=1.5,
                                         spin=False)
     if dist.get_rank() == 1:
         time.sleep(3.0)  # hung through rank 0's first exchange, then gone without a word
         os._exit(0)
-    result = {}
+    result = {"separate_dev_shm_channel": separate is not None}
     for name, timeout in (("hung", 1.5), ("dead", 60.0)):
         channel.timeout_s = timeout
         start = time.monotonic()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import sys
 import time
 import uuid
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 SHM_DIR = "/dev/shm"
 SEQ_BYTES = 64  # the sequence number, alone on its cache line
+MARK_AT = 8  # where, after the sequence number, each rank marks its file (`_sees_peers`)
 SPIN_READS = 20000  # ~1 ms of reading the peer's number before yielding the core
 LIVENESS_EVERY_S = 0.05
 MIN_CAPACITY = 256 << 10  # below this a channel would send almost everything through gloo
@@ -247,9 +247,27 @@ def _affordable(capacity: int, world: int) -> int:
     return min(capacity, free // (4 * world) // 4096 * 4096)
 
 
+def _sees_peers(everyone: list, index: int) -> bool:
+    """Every peer's file is in my /dev/shm with the mark the peer wrote into it: we share one
+    /dev/shm. Host names do not tell (containers on one host with a /dev/shm each may share the
+    host's name), nor does LOCAL_WORLD_SIZE (two launchers on one host are two "nodes")."""
+    for k, (_, _, name, mark) in enumerate(everyone):
+        if k == index:
+            continue
+        try:
+            with open(os.path.join(SHM_DIR, name), "rb") as f:
+                f.seek(MARK_AT)
+                if f.read(len(mark)) != mark:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> ShmChannel | None:
     """A channel for `group` (a collective over it), or None on every rank when any rank cannot
-    have one: not Linux x86-64, ranks on different hosts, or /dev/shm without room. Its
+    have one: not Linux x86-64, ranks not sharing one /dev/shm (other hosts, or containers with
+    a /dev/shm each: `_sees_peers`), or /dev/shm without room. Its
     capacity is `capacity` or less where /dev/shm is small (`_affordable`). `spin`:
     a waiting rank first reads its peer's number in a busy loop (~1 ms; right when every rank
     has a core of its own), else it yields its core at once."""
@@ -261,7 +279,9 @@ def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> S
     box = [(uuid.uuid4().hex, _affordable(capacity, world)) if index == 0 else None]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     token, capacity = box[0]
-    path = os.path.join(SHM_DIR, f"wanserve-{token}-{index}")
+    name = f"wanserve-{token}-{index}"
+    path = os.path.join(SHM_DIR, name)
+    mark = uuid.uuid4().bytes
     ok = supported() and capacity >= min(wanted, MIN_CAPACITY)
     if ok:
         try:
@@ -269,19 +289,23 @@ def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> S
                 f.truncate(SEQ_BYTES + 2 * capacity)
                 # fail here, not with SIGBUS at the first copy into a page tmpfs cannot give
                 os.posix_fallocate(f.fileno(), 0, SEQ_BYTES + 2 * capacity)
+                f.seek(MARK_AT)
+                f.write(mark)
         except OSError:
             ok = False
             if os.path.exists(path):
                 os.unlink(path)
-    mine = (ok, socket.gethostname(), os.getpid(), path)
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    usable = all(entry[0] for entry in everyone) and len({entry[1] for entry in everyone}) == 1
+    dist.all_gather_object(everyone, (ok, os.getpid(), name, mark), group=group)
+    verdicts: list = [None] * world
+    dist.all_gather_object(verdicts, all(e[0] for e in everyone) and _sees_peers(everyone, index),
+                           group=group)
     channel = None
     try:
-        if usable:
-            channel = ShmChannel(group, index, world, [e[2] for e in everyone],
-                                 [e[3] for e in everyone], capacity, timeout_s, spin)
+        if all(verdicts):
+            channel = ShmChannel(group, index, world, [e[1] for e in everyone],
+                                 [os.path.join(SHM_DIR, e[2]) for e in everyone], capacity,
+                                 timeout_s, spin)
         dist.barrier(group=group)  # every rank has mapped every file
     finally:
         if ok:

@@ -1,0 +1,219 @@
+"""Restarts that lose nothing: what was queued or running when the server went down runs again
+after the restart, with the same video as a run that was never interrupted.
+
+- the job store keeps each live job's inputs and gives back, after a restart, the jobs that were
+  queued or running, in creation order (in-process, no server);
+- SIGTERM with one job running, a synchronous caller's job queued and one more queued: the stop
+  is prompt, the caller gets 503 `server_restarting` naming its job, the store holds all three
+  as queued; after a restart on the same data dir the first runs again, and SIGKILL of the whole
+  job (launcher and ranks) interrupts it with the other two queued; after one more restart all
+  three complete, equal to uninterrupted runs (lossless MP4s, decoded frames compared exactly);
+- two "nodes" on 127.0.0.1 (two launch.sh, one rank each, c10d rendezvous, Ulysses 2 spanning
+  them) with `--max-restarts 1`: the non-serving node's rank is SIGKILLed mid-job, torchrun
+  starts every rank again, the job comes back and completes for a client polling across the
+  restart, and the queued job completes.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import requests
+
+from conftest import free_port, png_bytes, rank_pids, start_server, wait_ready
+from test_http_e2e import decode_frames
+from test_jobs_lifecycle import submit, wait_first_step, wait_status
+
+# lossless: the decoded frames are the generated ones, so "the same video" is exact
+SMALL = {"size": "64x64", "num_frames": "5", "quality": "lossless"}
+RUNNING = {**SMALL, "num_inference_steps": "12"}  # long enough to be interrupted mid-run
+QUEUED = {**SMALL, "num_inference_steps": "3", "seed": "11"}
+
+
+def as_json(srv, fields, prefer_async=True):
+    """The request `submit` sends, with the image as a data: URL (nothing but fields to keep)."""
+    body = {"prompt": "p", **fields,
+            "input_reference": "data:image/png;base64," + base64.b64encode(png_bytes()).decode()}
+    return requests.post(srv.url + "/v1/videos", json=body, timeout=300,
+                         headers={"Prefer": "respond-async"} if prefer_async else {})
+
+
+def content(srv, job_id) -> bytes:
+    resp = requests.get(f"{srv.url}/v1/videos/{job_id}/content", timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.content
+
+
+def stored_statuses(data_dir) -> dict[str, str]:
+    db = sqlite3.connect(data_dir / "jobs.sqlite3")
+    try:
+        return dict(db.execute("SELECT id, status FROM jobs").fetchall())
+    finally:
+        db.close()
+
+
+def test_the_store_keeps_inputs_while_a_job_lives_and_gives_back_interrupted_jobs(tmp_path):
+    """checked with: `_recover` returning the jobs in reverse creation order (`DESC`)."""
+    from api.jobs import Job, JobStore
+
+    def job(n, status="queued"):
+        return Job(id=f"video_{n:032x}", status=status, created_at=n, model="m", prompt="p",
+                   seconds="1", size="64x64", seed=n, num_frames=5, fps=8)
+
+    store = JobStore(tmp_path, ttl_s=60)
+    for n in (3, 1, 2):
+        store.add(job(n), {"prompt": f"p{n}", "seed": n}, {"input_reference": b"png%d" % n,
+                                                          "../last_frame": b"x"})
+    store.update(job(1).id, status="in_progress", attempts=1)
+    store.add(job(4), {"prompt": "done"}, {})
+    store.update(job(4).id, status="completed")
+    assert store.inputs.load(job(4).id) is None  # removed when the job ended
+    (store.inputs.root / ".video_partial.partial").mkdir()  # a save cut short
+    store.close()
+
+    again = JobStore(tmp_path, ttl_s=60)
+    assert [j.id for j in again.interrupted] == [job(3).id, job(1).id, job(2).id]
+    assert [(j.status, j.attempts) for j in again.interrupted] == [
+        ("queued", 0), ("queued", 1), ("queued", 0)]
+    assert again.inputs.load(job(1).id) == ({"prompt": "p1", "seed": 1},
+                                            {"input_reference": b"png1", "../last_frame": b"x"})
+    assert sorted(p.name for p in again.inputs.root.iterdir()) == sorted(
+        j.id for j in again.interrupted)  # the file part names never became paths
+    again.delete(job(2).id)
+    assert again.inputs.load(job(2).id) is None
+    again.close()
+
+
+def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
+    """One data dir, three starts. SIGTERM with a job running, a synchronous caller's job and
+    one more queued; then SIGKILL of the whole job while the first runs again; then all three
+    complete, equal to uninterrupted runs.
+    checked with: `on_failed` handling `server_shutdown` as any failure (api/serving.py): the
+    jobs were stored `failed` and the caller got 500 `server_shutdown`; and the seed not pinned
+    in the stored inputs (api/serving.py create_job storing `fields` as sent): the job sent
+    without a seed came back with another video."""
+    data_dir = tmp_path / "data"
+    first = start_server(tmp_path, data_dir=data_dir)
+    answer = {}
+    try:
+        reference = as_json(first, QUEUED, prefer_async=False).json()  # never interrupted
+        reference_video = content(first, reference["id"])
+        running = submit(first, RUNNING).json()  # no seed: a random one, pinned
+        wait_first_step(first, running["id"])
+        caller = threading.Thread(
+            target=lambda: answer.update(resp=submit(first, QUEUED, prefer_async=False)))
+        caller.start()
+        deadline = time.monotonic() + 30
+        while len(requests.get(first.url + "/v1/videos", timeout=5).json()["data"]) < 3:
+            assert time.monotonic() < deadline, "the synchronous job was never created"
+            time.sleep(0.05)
+        queued = as_json(first, QUEUED).json()  # its inputs: fields alone, the image in them
+    except BaseException:
+        first.stop()
+        raise
+    start = time.monotonic()
+    assert first.stop() == 0
+    assert time.monotonic() - start < 30
+    caller.join(10)
+    resp = answer["resp"]
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "server_restarting" and error["type"] == "server_error"
+    statuses = stored_statuses(data_dir)
+    del statuses[reference["id"]]
+    assert len(statuses) == 3 and set(statuses.values()) == {"queued"}, statuses
+    sync_id = next(job_id for job_id in statuses if job_id not in (running["id"], queued["id"]))
+    assert sync_id in error["message"]
+
+    second = start_server(tmp_path, data_dir=data_dir)
+    try:
+        wait_first_step(second, running["id"])  # it goes first: it was submitted first
+        ranks = rank_pids(second.proc.pid)
+        assert ranks
+    finally:
+        os.killpg(second.proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
+        second.proc.wait()
+    # the ranks run in sessions of their own: they must still die with the launcher
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{pid}") for pid in ranks.values()):
+        assert time.monotonic() < deadline, f"ranks outlived the killed launcher: {ranks}"
+        time.sleep(0.2)
+    assert stored_statuses(data_dir)[running["id"]] == "in_progress"
+
+    third = start_server(tmp_path, data_dir=data_dir)
+    try:
+        assert content(third, reference["id"]) == reference_video  # kept byte for byte
+        for job_id, attempts in ((running["id"], 3), (sync_id, 1), (queued["id"], 1)):
+            job = wait_status(third, job_id, ("completed", "failed"), timeout=180)
+            assert job["status"] == "completed" and job["attempts"] == attempts, job
+        for job_id in (sync_id, queued["id"]):
+            assert (decode_frames(content(third, job_id))
+                    == decode_frames(reference_video)).all()
+        uninterrupted = submit(third, {**RUNNING, "seed": str(running["seed"])},
+                                  prefer_async=False).json()
+        assert uninterrupted["status"] == "completed"
+        assert (decode_frames(content(third, running["id"]))
+                == decode_frames(content(third, uninterrupted["id"]))).all()
+        assert not list((data_dir / "inputs").iterdir())  # gone with the jobs
+    finally:
+        assert third.stop() == 0
+
+
+def _poll_across_restarts(nodes, job_id: str, timeout: float = 300) -> dict:
+    """What a client does while the server restarts: retry until the job has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert any(n.proc.poll() is None for n in nodes), "every launcher exited"
+        try:
+            job = requests.get(f"{nodes[0].url}/v1/videos/{job_id}", timeout=5).json()
+            if job.get("status") in ("completed", "failed", "cancelled"):
+                return job
+        except (requests.ConnectionError, requests.Timeout, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} did not end within {timeout}s")
+
+
+def test_two_nodes_serve_u2_and_a_killed_rank_comes_back_with_max_restarts(tmp_path):
+    """checked with: launch.sh without `--max-restarts` passed to torchrun (the killed rank ends
+    the job: every launcher exits), launch.sh without TORCH_DISABLE_SHARE_RDZV_TCP_STORE (the
+    restarted rank reads its peer's old address and fails), and launch.sh ignoring
+    `--rdzv-endpoint` (each launcher a one-rank job of its own: the U2 layout refused)."""
+    port, rendezvous = free_port(), free_port()
+    node = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--max-restarts", "1",
+            "--ulysses", "2", "--collective-timeout", "30")
+    data_dir = tmp_path / "data"
+    nodes = [start_server(tmp_path, *node, data_dir=data_dir, port=port, wait=False)
+             for _ in range(2)]
+    try:
+        for srv in nodes:
+            wait_ready(srv)
+        where = [rank_pids(n.proc.pid) for n in nodes]
+        assert sorted(rank for ranks in where for rank in ranks) == [0, 1], where
+        # one URL for both; torchrun chose the node of rank 0, the one that serves and logs
+        srv = next(n for n, ranks in zip(nodes, where) if 0 in ranks)
+        health = requests.get(srv.url + "/health", timeout=5).json()
+        assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
+
+        running = submit(srv, RUNNING).json()
+        wait_first_step(srv, running["id"])
+        queued = submit(srv, QUEUED).json()
+        rank1 = next(ranks[1] for ranks in where if 1 in ranks)
+        os.kill(rank1, signal.SIGKILL)
+
+        done = _poll_across_restarts(nodes, running["id"])
+        assert done["status"] == "completed" and done["attempts"] == 2, done
+        after = _poll_across_restarts(nodes, queued["id"], timeout=120)
+        assert after["status"] == "completed" and after["attempts"] == 1, after
+        assert "queued again after a restart" in srv.log()
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        codes = [n.stop() for n in nodes]
+    assert codes == [0, 0], [n.log()[-3000:] for n in nodes]

@@ -11,7 +11,9 @@ after the restart, with the same video as a run that was never interrupted.
 - two "nodes" on 127.0.0.1 (two launch.sh, one rank each, c10d rendezvous, Ulysses 2 spanning
   them) with `--max-restarts 1`: the non-serving node's rank is SIGKILLed mid-job, torchrun
   starts every rank again, the job comes back and completes for a client polling across the
-  restart, and the queued job completes.
+  restart, and the queued job completes;
+- the same two nodes with one replica each (`--dp 2`): the rank of replica 1 is SIGKILLed while
+  both replicas run a job; both jobs come back and complete.
 """
 from __future__ import annotations
 
@@ -179,24 +181,62 @@ def _poll_across_restarts(nodes, job_id: str, timeout: float = 300) -> dict:
     raise AssertionError(f"{job_id} did not end within {timeout}s")
 
 
+def _two_nodes(tmp_path, *layout: str):
+    """Two launchers on 127.0.0.1, one rank each, one job through c10d; (nodes, the one that
+    serves, {rank: pid} per node)."""
+    port, rendezvous = free_port(), free_port()
+    node = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--max-restarts", "1",
+            *layout, "--collective-timeout", "30")
+    nodes = [start_server(tmp_path, *node, data_dir=tmp_path / "data", port=port, wait=False)
+             for _ in range(2)]
+    for srv in nodes:
+        wait_ready(srv)
+    where = [rank_pids(n.proc.pid) for n in nodes]
+    assert sorted(rank for ranks in where for rank in ranks) == [0, 1], where
+    # one URL for both; torchrun chose the node of rank 0, the one that serves and logs
+    return nodes, next(n for n, ranks in zip(nodes, where) if 0 in ranks), where
+
+
+def _stop_all(nodes) -> None:
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGTERM)
+    codes = [n.stop() for n in nodes]
+    assert codes == [0, 0], [n.log()[-3000:] for n in nodes]
+
+
+def test_two_nodes_one_replica_each_and_a_dead_replica_restarts_with_its_job(tmp_path):
+    """DP2, one replica per node. A replica whose rank dies takes the whole job down (the
+    choice README's "replicas" documents), torchrun starts every rank again, and both jobs
+    that were running - one per replica - run again and complete.
+    checked with: leader_loop not sending the job's outcome back (engine/replicas.py): the job
+    on replica 1 never completes."""
+    nodes, srv, where = _two_nodes(tmp_path, "--dp", "2")
+    try:
+        health = requests.get(srv.url + "/health", timeout=5).json()
+        assert health["parallel"]["layout"] == "2xU1R1C1"
+        assert [r["ranks"] for r in health["replicas"]] == [[0], [1]]
+        long = {**SMALL, "num_inference_steps": "40"}
+        jobs = [submit(srv, {**long, "seed": str(seed)}).json()["id"] for seed in (1, 2)]
+        for job_id in jobs:
+            wait_first_step(srv, job_id)
+        busy = requests.get(srv.url + "/health", timeout=5).json()["replicas"]
+        assert {r["current_job"] for r in busy} == set(jobs), busy
+        os.kill(next(ranks[1] for ranks in where if 1 in ranks), signal.SIGKILL)
+        for job_id in jobs:
+            done = _poll_across_restarts(nodes, job_id)
+            assert done["status"] == "completed" and done["attempts"] == 2, done
+    finally:
+        _stop_all(nodes)
+
+
 def test_two_nodes_serve_u2_and_a_killed_rank_comes_back_with_max_restarts(tmp_path):
     """checked with: launch.sh without `--max-restarts` passed to torchrun (the killed rank ends
     the job: every launcher exits), launch.sh without TORCH_DISABLE_SHARE_RDZV_TCP_STORE (the
     restarted rank reads its peer's old address and fails), and launch.sh ignoring
     `--rdzv-endpoint` (each launcher a one-rank job of its own: the U2 layout refused)."""
-    port, rendezvous = free_port(), free_port()
-    node = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--max-restarts", "1",
-            "--ulysses", "2", "--collective-timeout", "30")
-    data_dir = tmp_path / "data"
-    nodes = [start_server(tmp_path, *node, data_dir=data_dir, port=port, wait=False)
-             for _ in range(2)]
+    nodes, srv, where = _two_nodes(tmp_path, "--ulysses", "2")
     try:
-        for srv in nodes:
-            wait_ready(srv)
-        where = [rank_pids(n.proc.pid) for n in nodes]
-        assert sorted(rank for ranks in where for rank in ranks) == [0, 1], where
-        # one URL for both; torchrun chose the node of rank 0, the one that serves and logs
-        srv = next(n for n, ranks in zip(nodes, where) if 0 in ranks)
         health = requests.get(srv.url + "/health", timeout=5).json()
         assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
 
@@ -212,8 +252,4 @@ def test_two_nodes_serve_u2_and_a_killed_rank_comes_back_with_max_restarts(tmp_p
         assert after["status"] == "completed" and after["attempts"] == 1, after
         assert "queued again after a restart" in srv.log()
     finally:
-        for n in nodes:
-            if n.proc.poll() is None:
-                n.proc.send_signal(signal.SIGTERM)
-        codes = [n.stop() for n in nodes]
-    assert codes == [0, 0], [n.log()[-3000:] for n in nodes]
+        _stop_all(nodes)

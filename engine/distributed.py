@@ -115,6 +115,15 @@ def agree(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item())
 
 
+def gather_to_all(ctx: DistContext, value) -> list:
+    """Every rank's `value`, in rank order, on every rank (the control channel)."""
+    if ctx.world_size == 1:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value, group=ctx.control_group)
+    return values
+
+
 def ready_barrier(ctx: DistContext) -> None:
     """All ranks have loaded the model (on the control channel: loading takes long)."""
     if ctx.world_size > 1:

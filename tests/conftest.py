@@ -97,7 +97,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
         try:
             if requests.get(server.url + "/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or a loaded machine
             pass
         time.sleep(0.5)
     server.stop()

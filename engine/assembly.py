@@ -1,7 +1,7 @@
 """Building the served model on one rank: the same ordered steps on every rank.
 
-    load weights (or build random ones) → place on the device → adapters (LoRA) → parallel runtime
-    → CPU tuning (CPU only) → what runs where
+    load weights (or build random ones) → place on the device → adapters (LoRA)
+    → parallel runtime → CPU tuning (CPU only) → what runs where
 
 A step cache and compiled blocks go between the adapters and the parallel runtime, in that
 order. Each step is one function in the module that owns it and returns what it did;

@@ -125,8 +125,6 @@ def build_random_pipeline(model: RandomModel, dtype: torch.dtype, device: torch.
     from engine.sp_padding import WanServeTransformer
 
     layout = model.layout
-    if layout.pending:
-        raise ValueError(f"{model.spec}: not served yet: {layout.pending}")
     start = time.perf_counter()
     parts = build_components(layout, dtype, device, model.seed, WanServeTransformer,
                              on_host=keep_on_host)

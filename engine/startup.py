@@ -27,9 +27,12 @@ def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
     """The checkpoint's folder, or for `random:NAME` the published layout to build."""
     if cfg.model.startswith(RANDOM_PREFIX):
         try:
-            return parse_random_model(cfg.model)
+            model = parse_random_model(cfg.model)
         except ValueError as exc:
             raise SystemExit(f"--model {cfg.model}: {exc}") from None
+        if model.layout.pending:
+            raise SystemExit(f"--model {cfg.model}: not served yet: {model.layout.pending}")
+        return model
     if cfg.is_tiny:
         from engine.tiny_model import ensure_tiny_model
 

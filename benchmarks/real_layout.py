@@ -206,16 +206,18 @@ def main() -> int:
     p.add_argument("--serve-pending", action="store_true",
                    help="serve a layout marked pending too (needs its engine support)")
     p.add_argument("--out", type=Path, default=Path("bench-out/real_layout.json"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     layout = LAYOUTS[args.model].cut(args.layers)
     folder = checkpoint_dir(layout)
+    if args.child:
+        write_checkpoint(layout, folder)
+        return 0
     if not (folder / "model_index.json").exists():
         start = time.perf_counter()
-        if args.write_only:
-            write_checkpoint(layout, folder)
-        else:  # in a child, so this process does not hold the weights while the servers run
-            subprocess.run([sys.executable, __file__, "--model", args.model, "--layers",
-                            str(args.layers), "--write-only"], check=True)
+        # in a child, so this process does not hold the weights while the servers run
+        subprocess.run([sys.executable, __file__, "--model", args.model, "--layers",
+                        str(args.layers), "--child"], check=True)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f}s")
     wrong = config_mismatches(layout, folder)
     disk_mib = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20

@@ -218,7 +218,7 @@ def main() -> int:
     if args.smoke:
         args.model = f"{args.model.partition('?')[0]}?layers=1"
         if args.size == "832x480":
-            args.size, args.frames, args.steps = "64x64", 5, "1,2"
+            args.size, args.frames, args.steps = "64x64", 1, "1,2"
     device = torch.device("cuda" if gpu else "cpu")
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     short, long = (int(v) for v in args.steps.split(","))

@@ -1,7 +1,7 @@
 """Building the served model on one rank: the same ordered steps on every rank.
 
-    load weights → place on the device → adapters (LoRA) → parallel runtime
-    → CPU tuning (CPU only) → what runs where
+    load weights (or build random ones) → place on the device → adapters (LoRA)
+    → parallel runtime → CPU tuning (CPU only) → what runs where
 
 A step cache and compiled blocks go between the adapters and the parallel runtime, in that
 order. Each step is one function in the module that owns it and returns what it did;
@@ -19,10 +19,13 @@ import torch
 from engine import cpu
 from engine.adapters import Adapters, load_adapters
 from engine.config import ServerConfig
-from engine.distributed import DistContext
+from engine.distributed import DistContext, gather_to_all
+from engine.model_layouts import RandomModel
 from engine.offload import EXPERTS, ExpertOffload, place_on_device
 from engine.parallel import start_parallel_runtime
+from engine.peak_memory import read_peak, reset_peak
 from engine.pipeline import WanServePipeline, load_pipeline
+from engine.random_weights import build_random_pipeline
 from kernels.attention import select_backend
 
 log = logging.getLogger("wanserve.engine")
@@ -40,11 +43,36 @@ class ServedModel:
     adapters: Adapters | None = None  # the per-request LoRA switch
 
 
-def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedModel:
+def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
+                 ) -> tuple[WanServePipeline, dict]:
+    """The load step: a checkpoint's weights (for `random:NAME`, random ones built there) on
+    the device, and this rank's peak memory while loading: the host's resident high-water
+    mark and, on a GPU, the allocator's peak."""
+    host = torch.device("cpu")
+    reset_peak(host)
+    if ctx.device.type == "cuda":
+        reset_peak(ctx.device)
+    keep_on_host = EXPERTS if cfg.offload_inactive_expert else ()
+    if isinstance(model_path, RandomModel):
+        pipe, loaded = build_random_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
+                                             keep_on_host)
+    else:
+        pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device, keep_on_host)
+    peaks = {"host_mib": read_peak(host)[0]}
+    if ctx.device.type == "cuda":
+        peaks["device_mib"] = read_peak(ctx.device)[0]
+    loaded["peak_memory"] = {key: None if value is None else round(value, 1)
+                             for key, value in peaks.items()}
+    return pipe, loaded
+
+
+def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel) -> ServedModel:
     """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
-    backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring)
-    pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
-                                 keep_on_host=EXPERTS if cfg.offload_inactive_expert else ())
+    backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring,
+                             require=cfg.attention_backend)
+    pipe, loaded = load_weights(cfg, ctx, model_path)
+    # every rank's peak while loading, in rank order (rank 0 reports them all)
+    loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
     adapters, adapters_report = load_adapters(pipe, cfg)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,

@@ -109,6 +109,7 @@ class ServerConfig:
     lora_dir: str | None = None  # requests may name .safetensors files under it
     lora_cache: int = 4  # --lora-dir adapters kept loaded (least recently used go first)
     lora_unfuse_per_request: bool = False  # with a fused default, requests may ask for others
+    attention_backend: str = "auto"  # or one name of kernels.attention.BACKEND_NAMES
 
     @property
     def is_tiny(self) -> bool:
@@ -132,7 +133,9 @@ def _sizes(value) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanserve", description="Serve Wan2.2 image-to-video.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset")
-    p.add_argument("--model", help="'tiny' or a path to a diffusers-format Wan2.2-I2V checkpoint")
+    p.add_argument("--model", help="'tiny', a path to a diffusers-format Wan2.2-I2V checkpoint, "
+                   "or random:NAME[?layers=N]: a published layout (engine/model_layouts.py) "
+                   "built on the device with random weights")
     p.add_argument("--served-model-name", help="the model id clients see")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host")
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-response", choices=CREATE_RESPONSES,
                    help="what POST /v1/videos answers without 'Prefer: respond-async': 'sync' "
                    "waits and answers the video (default), 'async' answers the queued job at once")
+    p.add_argument("--attention-backend", help="auto (the first usable, the default), or one of "
+                   "flash-attn-3, cudnn, flash-attn-2, sdpa, sdpa-flash, cpu-flash: refused at "
+                   "start-up where it cannot run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -236,6 +242,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         collective_timeout_s=float(pick("collective_timeout_s", 300.0)),
         log_level=str(pick("log_level", "INFO")).upper(),
         create_response=create_response,
+        attention_backend=str(args.attention_backend or tree.get("attention_backend", "auto")),
         config_path=args.config,
     )
 

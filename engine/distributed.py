@@ -175,6 +175,15 @@ def agree(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item())
 
 
+def gather_to_all(ctx: DistContext, value) -> list:
+    """Every rank's `value`, in rank order, on every rank (every replica's; long timeout)."""
+    if ctx.world_size == 1:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value, group=ctx.world_control)
+    return values
+
+
 def ready_barrier(ctx: DistContext) -> None:
     """All ranks of every replica have loaded the model (long timeout: loading takes long)."""
     if ctx.world_size > 1:

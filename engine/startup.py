@@ -9,6 +9,7 @@ from pathlib import Path
 from engine.config import ServerConfig
 from engine.device import gpu_usable
 from engine.layout import LayoutError
+from engine.model_layouts import RANDOM_PREFIX, RandomModel, parse_random_model
 from engine.pipeline import num_attention_heads
 
 
@@ -22,7 +23,16 @@ def setup_logging(level: str, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def resolve_model_path(cfg: ServerConfig) -> Path:
+def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
+    """The checkpoint's folder, or for `random:NAME` the published layout to build."""
+    if cfg.model.startswith(RANDOM_PREFIX):
+        try:
+            model = parse_random_model(cfg.model)
+        except ValueError as exc:
+            raise SystemExit(f"--model {cfg.model}: {exc}") from None
+        if model.layout.pending:
+            raise SystemExit(f"--model {cfg.model}: not served yet: {model.layout.pending}")
+        return model
     if cfg.is_tiny:
         from engine.tiny_model import ensure_tiny_model
 
@@ -34,11 +44,13 @@ def resolve_model_path(cfg: ServerConfig) -> Path:
     return path
 
 
-def check_layout(cfg: ServerConfig, world_size: int, model_path: Path) -> None:
+def check_layout(cfg: ServerConfig, world_size: int, model_path: Path | RandomModel) -> None:
     """Raise engine.layout.LayoutError with a message a user can act on."""
     side = cfg.limits.min_side // 16  # VAE /8, patch /2
     min_tokens = side * side  # one latent frame at the smallest allowed size
-    cfg.layout.validate(world_size, num_attention_heads(model_path), min_tokens)
+    heads = (model_path.layout.num_attention_heads if isinstance(model_path, RandomModel)
+             else num_attention_heads(model_path))
+    cfg.layout.validate(world_size, heads, min_tokens)
 
 
 

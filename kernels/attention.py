@@ -112,36 +112,63 @@ def xfuser_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
     return Kernels(fa3, fa2, cudnn, why_not)
 
 
+BACKEND_NAMES = ("flash-attn-3", "cudnn", "flash-attn-2", "sdpa", "sdpa-flash", "cpu-flash")
+_USING = {"sdpa": "using torch SDPA", "sdpa-flash": "using torch's flash kernel, which returns "
+          "the log-sum-exp ring attention needs"}
+_CPU_REASON = ("CPU: torch's CPU flash kernel, which returns the log-sum-exp ring attention "
+               "merges with")
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, ring_degree: int = 1,
                    probe: Optional[Callable[[torch.device, torch.dtype], Kernels]] = None,
-                   ) -> AttentionBackend:
+                   require: str = "auto") -> AttentionBackend:
+    """The first usable backend in the order above, or with `require` (a BACKEND_NAMES entry,
+    `--attention-backend`) that one, refused with the reason when it cannot run here."""
+    if require != "auto" and require not in BACKEND_NAMES:
+        raise ValueError(f"attention backend {require!r}: one of auto, {', '.join(BACKEND_NAMES)}")
     if device.type != "cuda":
-        return AttentionBackend("cpu-flash", "SDPA_FLASH",
-                                "CPU: torch's CPU flash kernel, which returns the log-sum-exp "
-                                "ring attention merges with")
-    if dtype not in HALF_DTYPES:
+        candidates = [("cpu-flash", "SDPA_FLASH", None)]
+    elif dtype not in HALF_DTYPES:
         if ring_degree > 1:
             raise ValueError(RING_NEEDS_HALF)
+        candidates = [("sdpa", "SDPA", None)]
+    else:
+        candidates = _half_candidates((probe or xfuser_kernels)(device, dtype), ring_degree)
+    if require != "auto":
+        found = [c for c in candidates if c[0] == require]
+        why_not = found[0][2] if found else (
+            f"not one of the backends for {device.type}, {_name(dtype)}, ring {ring_degree}: "
+            + ", ".join(c[0] for c in candidates))
+        if why_not is not None:
+            raise ValueError(f"--attention-backend {require}: {why_not}")
+        return AttentionBackend(require, found[0][1], f"{require}, as --attention-backend asks")
+    if device.type != "cuda":
+        return AttentionBackend("cpu-flash", "SDPA_FLASH", _CPU_REASON)
+    if dtype not in HALF_DTYPES:
         return AttentionBackend("sdpa", "SDPA", f"{_name(dtype)} needs SDPA: flash-attn, cuDNN "
                                 "and torch's flash kernel take float16/bfloat16 only")
-    kernels = (probe or xfuser_kernels)(device, dtype)
-    candidates = (
+    skipped = []
+    for name, xfuser_backend, why_not in candidates:
+        if why_not is None:
+            return AttentionBackend(name, xfuser_backend,
+                                    "; ".join(skipped + [_USING.get(name, f"using {name}")]))
+        skipped.append(why_not)
+    raise AssertionError("torch's kernels are always usable")
+
+
+def _half_candidates(kernels: Kernels, ring_degree: int) -> list[tuple[str, str, Optional[str]]]:
+    """(name, xfuser backend, why it cannot run here or None) in order of preference."""
+    torch_kernel = (("sdpa-flash", "SDPA_FLASH", None) if ring_degree > 1
+                    else ("sdpa", "SDPA", None))
+    return [
         ("flash-attn-3", "FLASH_3", _flash_unusable("flash-attn 3", kernels.flash_attn_3,
                                                     kernels.why_not, "flash_attn_3")),
         ("cudnn", "CUDNN", None if kernels.cudnn else
          f"cuDNN attention: {kernels.why_not.get('cudnn', 'not usable')}"),
         ("flash-attn-2", "FLASH", _flash_unusable("flash-attn 2", kernels.flash_attn_2,
                                                   kernels.why_not, "flash-attn")),
-    )
-    skipped = []
-    for name, xfuser_backend, why_not in candidates:
-        if why_not is None:
-            return AttentionBackend(name, xfuser_backend, "; ".join(skipped + [f"using {name}"]))
-        skipped.append(why_not)
-    if ring_degree > 1:
-        return AttentionBackend("sdpa-flash", "SDPA_FLASH", "; ".join(skipped + [
-            "using torch's flash kernel, which returns the log-sum-exp ring attention needs"]))
-    return AttentionBackend("sdpa", "SDPA", "; ".join(skipped + ["using torch SDPA"]))
+        torch_kernel,
+    ]
 
 
 def _flash_unusable(label: str, fn: Optional[Callable], why_not: Mapping[str, str],

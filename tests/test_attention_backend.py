@@ -203,3 +203,20 @@ def test_xfuser_flash_3_call_needs_return_attn_probs(monkeypatch):
     out, lse = call(q, k, v, 0.0, False)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert lse.shape == (1, 2, 5)
+
+
+def test_a_required_backend_is_taken_when_usable_and_refused_with_the_reason_when_not():
+    """`--attention-backend NAME` (benchmarks/gpu_served.py times each backend through it).
+
+    checked with: `if why_not is not None: raise` removed (an FA3 from a release tag is taken)."""
+    kernels = probe_of(flash_attn_3=fa3_v283, flash_attn_2=fa2, cudnn=True)
+    backend = select_backend(CUDA, torch.bfloat16, 1, probe=kernels, require="flash-attn-2")
+    assert (backend.name, backend.xfuser_backend) == ("flash-attn-2", "FLASH")
+    backend = select_backend(CUDA, torch.bfloat16, 2, probe=kernels, require="sdpa-flash")
+    assert (backend.name, backend.xfuser_backend) == ("sdpa-flash", "SDPA_FLASH")
+    with pytest.raises(ValueError, match="flash-attn-3: flash-attn 3 lacks return_attn_probs"):
+        select_backend(CUDA, torch.bfloat16, 1, probe=kernels, require="flash-attn-3")
+    with pytest.raises(ValueError, match="sdpa: not one of the backends for cpu"):
+        select_backend(torch.device("cpu"), torch.bfloat16, 1, probe=no_probe, require="sdpa")
+    with pytest.raises(ValueError, match="one of auto, flash-attn-3"):
+        select_backend(CUDA, torch.bfloat16, 1, probe=kernels, require="flash")

@@ -36,6 +36,8 @@ def server2(tmp_path_factory):
 
 
 def test_health_reports_the_parallel_layout(server2):
+    """checked with (the load peaks): engine/distributed.py `gather_to_all` returning [value]
+    (only rank 0's)."""
     health = requests.get(server2.url + "/health", timeout=5).json()
     assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
     assert health["parallel"]["transformer"] == "sequence-parallel"
@@ -43,6 +45,9 @@ def test_health_reports_the_parallel_layout(server2):
         == "sharded over 2 ranks"
     assert health["parallel"]["exchanges"] == "gloo"
     assert health["cpu_tuning"]["shared_memory"] == "ulysses, sequence-parallel, vae"
+    # every rank's own peak host memory while loading the model (the tiny one: a few hundred MiB)
+    peaks = health["load"]["peak_memory_per_rank"]
+    assert len(peaks) == 2 and all(100 < peak["host_mib"] < 4000 for peak in peaks), peaks
 
 
 def test_three_sequential_requests_of_different_sizes(server2):

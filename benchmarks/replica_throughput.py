@@ -11,7 +11,7 @@ other on the same machine, so their ratios come from one run.
 
 `--gpu-table` prints, for 8 GPUs, the latency and throughput of U8, U4C2, 2×U2C2, 4×C2 and
 8×1 at A14B 480p × 81 frames × 40 steps: from `--step-seconds` (a CFG step measured on one GPU,
-benchmarks/gpu_step.py) when given, else from the FLOP model of BENCHMARKS.md at 800 TFLOP/s -
+benchmarks/gpu_served.py) when given, else from the FLOP model of BENCHMARKS.md at 800 TFLOP/s -
 labelled as such either way.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_bench_model import model_flags  # noqa: E402
-from gpu_step import A14B, SHAPES, forward_flops  # noqa: E402
+from gpu_served import forward_flops, video_tokens  # noqa: E402
 from serving_overhead import bench_server  # noqa: E402
+from engine.model_layouts import WAN22_I2V_A14B  # noqa: E402  (on the path through gpu_served)
 from conftest import png_bytes  # noqa: E402  (on the path through serving_overhead)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,12 +104,11 @@ def measure(args) -> list[dict]:
 def gpu_table(step_seconds: float | None, steps: int = 40) -> list[dict]:
     """8 GPUs. One CFG step is two forwards; a layout of `sp` × `cfg` GPUs per replica splits
     a step's FLOPs over them and adds Ulysses' all-to-alls (BENCHMARKS.md's model)."""
-    frames, h, w = SHAPES["480p"]
-    tokens = frames * (h // 2) * (w // 2)
-    d = A14B["num_attention_heads"] * A14B["attention_head_dim"]
-    layers = A14B["num_layers"]
+    tokens = video_tokens(832, 480, 81)
+    t = WAN22_I2V_A14B.transformer
+    d, ffn, layers = t["num_attention_heads"] * t["attention_head_dim"], t["ffn_dim"], t["num_layers"]
     if step_seconds is None:
-        step_seconds = 2 * forward_flops(tokens, d, A14B["ffn_dim"], layers) / 800e12
+        step_seconds = 2 * forward_flops(tokens, d, ffn, layers) / 800e12
         source = "FLOP model at 800 TFLOP/s (not measured)"
     else:
         source = f"measured one-GPU CFG step of {step_seconds:.2f} s"

@@ -180,10 +180,10 @@ def _poll_across_restarts(nodes, job_id: str, timeout: float = 300) -> dict:
 
 
 def test_two_nodes_serve_u2_and_a_killed_rank_comes_back_with_max_restarts(tmp_path):
-    """checked with: launch.sh without `--max-restarts` passed to torchrun (the killed rank ends
-    the job: every launcher exits), launch.sh without TORCH_DISABLE_SHARE_RDZV_TCP_STORE (the
-    restarted rank reads its peer's old address and fails), and launch.sh ignoring
-    `--rdzv-endpoint` (each launcher a one-rank job of its own: the U2 layout refused)."""
+    """checked with: launch.sh passing `--max-restarts 0` to torchrun (every launcher exited),
+    launch.sh giving torchrun `--standalone` whatever the flags (each launcher a one-rank job of
+    its own: the U2 layout refused), and, before launch.sh set TORCH_DISABLE_SHARE_RDZV_TCP_STORE,
+    the restarted rank 1 reading rank 0's old address (the job never came back)."""
     port, rendezvous = free_port(), free_port()
     node = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--max-restarts", "1",
             "--ulysses", "2", "--collective-timeout", "30")

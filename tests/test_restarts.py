@@ -231,10 +231,10 @@ def test_two_nodes_one_replica_each_and_a_dead_replica_restarts_with_its_job(tmp
 
 
 def test_two_nodes_serve_u2_and_a_killed_rank_comes_back_with_max_restarts(tmp_path):
-    """checked with: launch.sh without `--max-restarts` passed to torchrun (the killed rank ends
-    the job: every launcher exits), launch.sh without TORCH_DISABLE_SHARE_RDZV_TCP_STORE (the
-    restarted rank reads its peer's old address and fails), and launch.sh ignoring
-    `--rdzv-endpoint` (each launcher a one-rank job of its own: the U2 layout refused)."""
+    """checked with: launch.sh passing `--max-restarts 0` to torchrun (every launcher exited),
+    launch.sh giving torchrun `--standalone` whatever the flags (each launcher a one-rank job of
+    its own: the U2 layout refused), and, before launch.sh set TORCH_DISABLE_SHARE_RDZV_TCP_STORE,
+    the restarted rank 1 reading rank 0's old address (the job never came back)."""
     nodes, srv, where = _two_nodes(tmp_path, "--ulysses", "2")
     try:
         health = requests.get(srv.url + "/health", timeout=5).json()

@@ -46,7 +46,7 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path) -> ServedMod
     pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
                                  keep_on_host=EXPERTS if cfg.offload_inactive_expert else ())
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
-    adapters, adapters_report = load_adapters(pipe, cfg)
+    adapters, adapters_report = load_adapters(pipe, cfg, offload)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
                                                  backend.xfuser_backend)
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,

@@ -283,6 +283,7 @@ class Adapters:
             self.load(use.name, use.path, use.path)
         except AdapterError as exc:
             raise AdapterLoadError(str(exc)) from exc
+        log.info("LoRA %s loaded from %s into the --lora-dir cache", use.name, use.path)
         self.dynamic[use.name] = None
         while len(self.dynamic) > self.cache_size:
             oldest, _ = self.dynamic.popitem(last=False)

@@ -8,9 +8,33 @@ else none).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
-from engine.adapters import AdapterError, AdapterUse, check_scale, dynamic_name, lora_dir_file
+from engine.adapters import AdapterError, AdapterUse, check_file, check_scale
+
+
+def lora_dir_file(path: str, lora_dir: str | None) -> str:
+    """`path` resolved (relative to --lora-dir) and checked to lie under it."""
+    if not lora_dir:
+        raise AdapterError("LoRA paths are not accepted here: the server has no --lora-dir")
+    root = Path(lora_dir).resolve()
+    resolved = (root / path).resolve()
+    if root not in resolved.parents:
+        raise AdapterError(f"LoRA path {path!r} is outside the server's --lora-dir")
+    if resolved.suffix != ".safetensors":
+        raise AdapterError(f"LoRA path {path!r}: only .safetensors files are loaded")
+    check_file(str(resolved))
+    return str(resolved)
+
+
+def dynamic_name(path: str) -> str:
+    """The name every rank gives a --lora-dir file: changes when the file does."""
+    st = os.stat(path)
+    digest = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return f"dir-{digest[:16]}"
 
 
 def _items(value) -> list:

@@ -4,7 +4,9 @@ An adapter is one file loaded into both experts (or only one, `experts: high|low
 whose keys name both experts (`transformer.*` and `transformer_2.*`), or a pair: `high` →
 `transformer` (the high-noise expert), `low` → `transformer_2`. Key formats are whatever
 diffusers' `WanLoraLoaderMixin.lora_state_dict` converts (diffusers/PEFT, original Wan
-`diffusion_model.*` with alpha, musubi/kohya `lora_unet_*`).
+`diffusion_model.*` with alpha, `diff_b` and `head.head.diff`, musubi/kohya `lora_unet_*`).
+Keys that match no layer (a Wan2.1 I2V LoRA's image attention and embedder on Wan2.2) are
+dropped, logged and counted in the start-up report.
 
 A request's choice is a tuple of `AdapterUse` (name and per-expert scale) in the
 GenerationRequest; every rank sets exactly those adapters and scales before denoising, so
@@ -13,14 +15,12 @@ nothing of a previous request remains. Scales go through PEFT's adapter weights,
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 log = logging.getLogger("wanserve.engine")
 
@@ -135,13 +135,6 @@ def parse_specs(section: dict | None, flags: list[str]) -> tuple[AdapterSpec, ..
     return tuple(specs)
 
 
-def dynamic_name(path: str) -> str:
-    """The name every rank gives a --lora-dir file: changes when the file does."""
-    st = os.stat(path)
-    digest = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    return f"dir-{digest[:16]}"
-
-
 def _split_experts(state_dict: dict) -> dict[str, dict]:
     """{expert: state dict with `transformer.` keys} for a file whose keys name both experts."""
     low = {"transformer." + k[len("transformer_2."):]: v for k, v in state_dict.items()
@@ -153,8 +146,9 @@ def _split_experts(state_dict: dict) -> dict[str, dict]:
 class Adapters:
     """The adapters loaded on this rank and the per-request switch between them."""
 
-    def __init__(self, pipe, cfg):
+    def __init__(self, pipe, cfg, offload=None):
         self.pipe = pipe
+        self.offload = offload  # ExpertOffload: told after each change of the experts' tensors
         self.on_expert: dict[str, set[str]] = {e: set() for e in EXPERTS}
         self.unmatched: dict[str, int] = {}
         self.dynamic: OrderedDict[str, None] = OrderedDict()
@@ -183,21 +177,24 @@ class Adapters:
         except Exception as exc:
             self._forget(name)
             raise AdapterError(f"LoRA {name} ({high or low}): {exc}") from exc
+        self._tensors_changed()
 
     def _load_into(self, name: str, expert_name: str, state_dict: dict, path: str) -> None:
         expert = getattr(self.pipe, expert_name)
         modules = dict(expert.named_modules())
-        kept, unmatched = {}, 0
+        kept, unmatched = {}, []
         for key, value in state_dict.items():
             module = key.removeprefix("transformer.").split(".lora_")[0]
             if module in modules:
                 kept[key] = value
             else:
-                unmatched += 1  # e.g. a Wan2.1 I2V LoRA's k_img/v_img on Wan2.2
+                unmatched.append(module)  # e.g. a Wan2.1 I2V LoRA's k_img/v_img on Wan2.2
         if unmatched:
-            log.warning("LoRA %s: %d key(s) of %s match no layer of %s; ignored", name,
-                        unmatched, path, expert_name)
-            self.unmatched[name] = self.unmatched.get(name, 0) + unmatched
+            names = sorted(set(unmatched))
+            log.warning("LoRA %s: %d key(s) of %s match no layer of %s, ignored (%s%s)", name,
+                        len(unmatched), path, expert_name, ", ".join(names[:3]),
+                        f" and {len(names) - 3} more layers" if len(names) > 3 else "")
+            self.unmatched[name] = self.unmatched.get(name, 0) + len(unmatched)
         if not kept:
             raise AdapterError(f"LoRA file {path}: no key matches a layer of the Wan transformer")
         self.pipe.load_lora_weights(kept, adapter_name=name,
@@ -211,6 +208,11 @@ class Adapters:
             if name in self.on_expert[expert_name]:
                 getattr(self.pipe, expert_name).delete_adapters(name)
                 self.on_expert[expert_name].discard(name)
+        self._tensors_changed()
+
+    def _tensors_changed(self) -> None:
+        if self.offload is not None:
+            self.offload.refresh()
 
     def fuse_default(self, uses: tuple[AdapterUse, ...]) -> None:
         """Merge `uses` into both experts' weights. Without unfuse-per-request the LoRA layers
@@ -223,6 +225,7 @@ class Adapters:
                 if getattr(expert, "_hf_peft_config_loaded", False):
                     expert.unload_lora()
                 self.on_expert[expert_name].clear()
+            self._tensors_changed()
 
     def _merge(self) -> None:
         self._activate(self.fused)
@@ -231,6 +234,7 @@ class Adapters:
             if names:
                 getattr(self.pipe, expert_name).fuse_lora(adapter_names=names)
         self.merged = True
+        self._tensors_changed()
 
     # --- per request -----------------------------------------------------------------
     def apply(self, uses: tuple[AdapterUse, ...]) -> None:
@@ -248,6 +252,7 @@ class Adapters:
             for expert_name in EXPERTS:
                 getattr(self.pipe, expert_name).unfuse_lora()
             self.merged = False
+            self._tensors_changed()
         self._activate(uses)
 
     def _activate(self, uses: tuple[AdapterUse, ...]) -> None:
@@ -278,6 +283,7 @@ class Adapters:
             self.load(use.name, use.path, use.path)
         except AdapterError as exc:
             raise AdapterLoadError(str(exc)) from exc
+        log.info("LoRA %s loaded from %s into the --lora-dir cache", use.name, use.path)
         self.dynamic[use.name] = None
         while len(self.dynamic) > self.cache_size:
             oldest, _ = self.dynamic.popitem(last=False)
@@ -293,21 +299,19 @@ class Adapters:
         return out
 
 
-def load_adapters(pipe, cfg) -> tuple[Adapters | None, dict | str]:
+def load_adapters(pipe, cfg, offload=None) -> tuple[Adapters | None, dict | str]:
     """The assembly's adapters step: every registered adapter loaded on this rank (and the
-    fused default merged). Returns the per-request switch and what it did, for /health."""
+    fused default merged), the offloaded expert's host copy kept up to date. Returns the
+    per-request switch and what it did, for /health."""
     if not cfg.adapters and not cfg.lora_dir:
         return None, "none"
-    if cfg.offload_inactive_expert:
-        raise AdapterError("LoRA adapters do not work with --offload-inactive-expert yet "
-                           "(the offload keeps its own copy of each expert's weights)")
     fused_names = [s.name for s in cfg.adapters if s.fuse]
     if fused_names and not cfg.lora_unfuse_per_request and (
             len(fused_names) < len(cfg.adapters) or cfg.lora_dir):
         raise AdapterError(f"{', '.join(fused_names)} is fused into the weights, so no request "
                            "could use the other adapters or --lora-dir: set "
                            "lora_unfuse_per_request: true, or register only fused ones")
-    adapters = Adapters(pipe, cfg)
+    adapters = Adapters(pipe, cfg, offload)
     for spec in cfg.adapters:
         adapters.load(spec.name, spec.high, spec.low)
     fused = tuple(AdapterUse(s.name, s.scale_high, s.scale_low) for s in cfg.adapters if s.fuse)
@@ -315,17 +319,3 @@ def load_adapters(pipe, cfg) -> tuple[Adapters | None, dict | str]:
         adapters.fuse_default(fused)
     log.info("LoRA adapters: %s", adapters.report())
     return adapters, adapters.report()
-
-
-def lora_dir_file(path: str, lora_dir: str | None) -> str:
-    """`path` resolved (relative to --lora-dir) and checked to lie under it."""
-    if not lora_dir:
-        raise AdapterError("LoRA paths are not accepted here: the server has no --lora-dir")
-    root = Path(lora_dir).resolve()
-    resolved = (root / path).resolve()
-    if root not in resolved.parents:
-        raise AdapterError(f"LoRA path {path!r} is outside the server's --lora-dir")
-    if resolved.suffix != ".safetensors":
-        raise AdapterError(f"LoRA path {path!r}: only .safetensors files are loaded")
-    check_file(str(resolved))
-    return str(resolved)

@@ -74,7 +74,7 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
     # every rank's peak while loading, in rank order (rank 0 reports them all)
     loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
-    adapters, adapters_report = load_adapters(pipe, cfg)
+    adapters, adapters_report = load_adapters(pipe, cfg, offload)
     parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
                                                  backend.xfuser_backend)
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(ours.out, **results)
             with open(ours.out + ".json", "w") as f:
                 json.dump({"layout": cfg.layout.describe(), "world_size": ctx.world_size,
-                           "load_s": load_s, "runs": timings}, f, indent=1)
+                           "load_s": load_s, "adapters": model.info["adapters"],
+                           "runs": timings}, f, indent=1)
         return 0
     finally:
         shutdown()

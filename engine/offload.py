@@ -10,6 +10,11 @@ is made resident first, whatever the boundary or step count. Inference never cha
 so each expert keeps one host copy of its tensors (pinned on CUDA, for fast copies): making an
 expert resident copies them to the device, and sending it back only points its parameters at
 that copy again, without copying or allocating anything.
+
+LoRA adapters are the exception: loading one adds tensors, fusing one changes weights in place
+(on the device, for the resident expert). After each such change `refresh` takes host copies
+of the new tensors and copies the changed layers of the resident expert back to theirs, so a
+swap neither loses an adapter nor brings back the weights from before a fuse.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ class ExpertOffload:
         self._copy_to_device = copy_to_device or (
             lambda t: t.to(self.compute_device, non_blocking=True))
         self.experts = {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None)}
-        pin = self.compute_device.type == "cuda"
-        self.host = {name: [(t, t.data.pin_memory() if pin else t.data) for t in _tensors(module)]
+        self.pin = self.compute_device.type == "cuda"
+        self.host = {name: [(t, self._host_copy(t)) for t in _tensors(module)]
                      for name, module in self.experts.items()}
         for name, tensors in self.host.items():
             for tensor, copy in tensors:
@@ -56,6 +61,37 @@ class ExpertOffload:
             self.swaps += 1
             log.info("expert swap: %s resident (%.2fs)", name, time.perf_counter() - start)
         self.resident = name
+
+
+    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.data.to("cpu")
+        return copy.pin_memory() if self.pin else copy
+
+    def refresh(self) -> None:
+        """Host copies for what adapters changed (every rank, after a load, fuse or unfuse)."""
+        for name, module in self.experts.items():
+            known = {id(tensor): copy for tensor, copy in self.host[name]}
+            changed = _adapter_layer_tensors(module) if name == self.resident else set()
+            host = []
+            for tensor in _tensors(module):
+                copy = known.get(id(tensor))
+                if copy is None or (name != self.resident and
+                                    tensor.data_ptr() != copy.data_ptr()):
+                    copy = self._host_copy(tensor)  # new, or replaced while on the host
+                    if name != self.resident:
+                        tensor.data = copy
+                elif id(tensor) in changed:
+                    copy.copy_(tensor.data)  # fused or unfused in place on the device
+                host.append((tensor, copy))
+            self.host[name] = host
+
+
+def _adapter_layer_tensors(module: torch.nn.Module) -> set[int]:
+    """The tensors of the layers PEFT wrapped: the only ones an adapter change touches."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {id(t) for layer in module.modules() if isinstance(layer, BaseTunerLayer)
+            for t in _tensors(layer)}
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

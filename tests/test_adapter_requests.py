@@ -1,15 +1,20 @@
 """The `lora` and `sample_solver` fields, adapter registration and the distilled presets,
-without running the model (plus one HTTP server for the 400s).
+without running the model (plus one HTTP server for the 400s and the --lora-dir cache).
 
 Mutation checks (each made a test here fail, then was reverted):
 - checked with: `lora_dir_file` without the `root not in resolved.parents` check:
   test_bad_lora_values_answer_400 fails (`../` path accepted).
 - checked with: `DistilledEulerScheduler.set_timesteps` passing `num_inference_steps` instead
   of sigmas: test_distilled_grid_and_split fails.
+- checked with: `Adapters._ensure_dynamic` without `move_to_end` (first in, first out):
+  test_lora_dir_cache_evicts_the_least_recently_used fails (C evicts A, B is never loaded again:
+  evicted [A], loaded [A, B, C]).
 """
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +22,7 @@ import requests
 from safetensors.torch import save_file
 
 from conftest import assert_client_error, png_bytes, start_server
-from engine.adapter_choice import resolve_lora
+from engine.adapter_choice import dynamic_name, resolve_lora
 from engine.adapters import AdapterError, AdapterUse
 from engine.config import load_config
 from lora_files import make_lora, write_diffusers
@@ -31,6 +36,8 @@ def lora_file(tmp_path_factory):
     (root / "dir").mkdir()
     lora = make_lora(ensure_tiny_model(), 1)
     write_diffusers(lora, root / "dir" / "dyn.safetensors")
+    for seed, name in ((2, "A"), (3, "B"), (4, "C")):
+        write_diffusers(make_lora(ensure_tiny_model(), seed), root / "dir" / f"{name}.safetensors")
     return write_diffusers(lora, root / "a.safetensors")
 
 
@@ -107,7 +114,7 @@ def test_distilled_grid_and_split(lora_file):
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, lora_file):
     srv = start_server(tmp_path_factory.mktemp("lora-server"), "--lora", f"a={lora_file}",
-                       "--lora-dir", str(lora_file.parent / "dir"))
+                       "--lora-dir", str(lora_file.parent / "dir"), "--lora-cache", "2")
     yield srv
     srv.stop()
 
@@ -142,3 +149,27 @@ def test_models_lists_the_adapters(lora_server):
     assert [m["id"] for m in data[1:]] == ["a"] and data[1]["parent"] == data[0]["id"]
     health = requests.get(lora_server.url + "/health", timeout=10).json()
     assert health["adapters"]["loaded"]["transformer"] == ["a"]
+
+
+def test_lora_dir_cache_evicts_the_least_recently_used(lora_server, lora_file):
+    """--lora-cache 2, requests for A, B, A, C, B: C evicts B (used before A's second request),
+    not A (loaded first); B's second request loads it again, and its video equals the first."""
+    from test_http_e2e import decode_frames
+
+    directory = lora_file.parent / "dir"
+    names = {name: dynamic_name(str((directory / f"{name}.safetensors").resolve()))
+             for name in "ABC"}
+    start = len(lora_server.log())
+    videos = []
+    for name in "ABACB":
+        resp = post(lora_server, lora=json.dumps({"name": name, "path": f"{name}.safetensors"}),
+                    num_frames=1, num_inference_steps=1)
+        assert resp.status_code == 200, resp.text[:300]
+        videos.append(decode_frames(base64.b64decode(resp.json()["data"][0]["b64_json"])))
+    log = lora_server.log()[start:]
+    by_name = {v: k for k, v in names.items()}
+    evicted = [by_name[n] for n in re.findall(r"LoRA (dir-\w+) evicted", log) if n in by_name]
+    loaded = [by_name[n] for n in re.findall(r"LoRA (dir-\w+) loaded", log) if n in by_name]
+    assert evicted == ["B", "A"] and loaded == ["A", "B", "C", "B"], (evicted, loaded)
+    assert (videos[4] == videos[1]).all()
+    assert np.abs(videos[1].astype(int) - videos[0]).max() > 10  # the adapters differ

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_offline
-from lora_files import make_lora, merged_model, write_diffusers, write_musubi, write_original_wan
+from lora_files import (make_lora, merged_model, with_bias_and_head, write_diffusers, write_musubi,
+                        write_original_wan, write_wan21_i2v)
 
 TOLERANCE = 1e-4
 SCALES = "0.7:1.3"  # high-noise, low-noise
@@ -31,8 +32,12 @@ REQUESTS = [
                          {"name": "other", "scale": 0.8}]},              # 5 two adapters
     {"seed": 2, "lora": "D", "guidance_scale": 1.0, "sample_solver": "euler"},  # 6 distilled
     {"seed": 1, "lora": [f"D:{SCALES}", {"name": "pair", "scale_high": 1.0, "scale_low": 0.5},
-                         "other:0.8"]},                                  # 7 three adapters
+                         "other:0.8", "B"]},                             # 7 four adapters
+    {"seed": 1, "lora": f"I:{SCALES}"},                                  # 8 Wan2.1 I2V on 2.2
 ]
+# the Wan2.1 LoRA's image keys per expert: k_img and v_img of 2 blocks, img_emb.proj.1 and .3,
+# each lora_down and lora_up
+WAN21_IMAGE_KEYS = (2 * 2 + 2) * 2
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +47,27 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     model = ensure_tiny_model()
     lora, high, low, other = (make_lora(model, seed) for seed in (1, 2, 3, 4))
+    biased = with_bias_and_head(model, make_lora(model, 5), 6)
     paths = {"D": write_diffusers(lora, root / "d.safetensors"),
              "W": write_original_wan(lora, root / "w.safetensors"),
              "M": write_musubi(lora, root / "m.safetensors"),
+             "B": write_original_wan(biased, root / "b.safetensors"),
+             "I": write_wan21_i2v(lora, root / "i.safetensors", 7),
              "high": write_diffusers(high, root / "high.safetensors"),
              "low": write_diffusers(low, root / "low.safetensors"),
              "other": write_diffusers(other, root / "other.safetensors")}
     high_scale, low_scale = map(float, SCALES.split(":"))
     paths["merged"] = merged_model(model, root / "merged", {
-        "transformer": [(lora, high_scale)], "transformer_2": [(lora, low_scale)]})
+        "transformer": [(lora, high_scale), (biased, 1.0)],
+        "transformer_2": [(lora, low_scale), (biased, 1.0)]})
     paths["root"] = root
     return paths
 
 
 def lora_flags(files) -> list[str]:
     return ["--lora", f"D={files['D']}", "--lora", f"W={files['W']}", "--lora", f"M={files['M']}",
-            "--lora", f"pair={files['high']},{files['low']}", "--lora", f"other={files['other']}"]
+            "--lora", f"pair={files['high']},{files['low']}", "--lora", f"other={files['other']}",
+            "--lora", f"B={files['B']}", "--lora", f"I={files['I']}"]
 
 
 def run(tmp_path, requests, nproc=1, *flags) -> tuple[list, dict]:
@@ -91,10 +101,23 @@ def test_every_key_format_gives_the_same_video(single):
         assert max_diff(frames[index], frames[1]) <= TOLERANCE, index
 
 
+def test_wan21_lora_on_wan22_drops_the_image_keys_and_reports_them(single):
+    """A Wan2.1 I2V LoRA: its image-attention and image-embedder keys match no layer of
+    Wan2.2-I2V; they are counted in the start-up report, and the rest applies as it would
+    without them (request 8 against the same LoRA in the original Wan format, request 3).
+    Checked with: `_load_into` not recording the count (the report has no unmatched_keys)."""
+    frames, report = single
+    assert report["adapters"]["unmatched_keys"] == {"I": 2 * WAN21_IMAGE_KEYS}  # both experts
+    assert max_diff(frames[8], frames[3]) <= TOLERANCE
+
+
 def test_merged_and_fused_equal_unfused(single, files, tmp_path):
     """D merged by hand into a copy of the weights (0.7 on the high-noise expert, 1.3 on the
-    low-noise one), with pair (1.0 / 0.5) and other (0.8) fused on top at start-up, equals the
-    three applied per request on the original weights."""
+    low-noise one) and B (original Wan with `diff_b` bias deltas and a `head.head.diff` /
+    `diff_b` output head) at 1.0, with pair (1.0 / 0.5) and other (0.8) fused on top at
+    start-up, equals the four applied per request on the original weights.
+    Checked with: `_load_into` dropping the `lora_B.bias` keys (the `diff_b` deltas; max |diff|
+    0.39), and dropping the `proj_out` keys (the head; 0.35)."""
     preset = tmp_path / "fused.yaml"
     tree = (REPO / "configs" / "tiny.yaml").read_text()
     preset.write_text(tree + f"""

@@ -209,8 +209,8 @@ def test_two_nodes_one_replica_each_and_a_dead_replica_restarts_with_its_job(tmp
     """DP2, one replica per node. A replica whose rank dies takes the whole job down (the
     choice README's "replicas" documents), torchrun starts every rank again, and both jobs
     that were running - one per replica - run again and complete.
-    checked with: leader_loop not sending the job's outcome back (engine/replicas.py): the job
-    on replica 1 never completes."""
+    checked with: leader_loop not sending the job's outcome back (engine/replicas.py): rank 0
+    loses the replica after the restart too, and the job took a third attempt."""
     nodes, srv, where = _two_nodes(tmp_path, "--dp", "2")
     try:
         health = requests.get(srv.url + "/health", timeout=5).json()

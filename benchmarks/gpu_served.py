@@ -30,7 +30,9 @@ import base64
 import contextlib
 import datetime
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,10 +125,10 @@ def run_backend(name: str, args, plan: list[dict], png: bytes, deadline: float,
                 flops_per_forward: float, peak: float, gpu: bool) -> dict:
     row = {"backend": name, "requests": []}
     flags = ["--config", str(PRESET), "--model", args.model, "--attention-backend", name,
-             "--set", f"limits.min_side={min(args.width, args.height)}", *args.server_flags]
+             *args.server_flags]
     log = args.out.with_suffix(f".{name}.server.log").resolve()
     start = time.perf_counter()
-    poller = GpuMemoryPoller() if gpu else None
+    poller = GpuMemoryPoller() if gpu and shutil.which("nvidia-smi") else None
     with bench_server(log, *flags, nproc=args.nproc) as server, \
             (poller or contextlib.nullcontext()):
         row["ready_s"] = time.perf_counter() - start
@@ -163,21 +165,24 @@ def run_backend(name: str, args, plan: list[dict], png: bytes, deadline: float,
 
 
 def markdown(result: dict) -> str:
-    lines = [f"### Served path on {result['device']} ({result['date']}, commit of this run)", "",
+    lines = [f"### Served path on {result['device']} ({result['date']}, commit {result['commit']})",
+             "",
              "```bash", result["command"], "```", "",
              f"{result['shape']}; matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s "
              f"(bf16 {result['peak_n']}^3, this run); FLOPs/forward "
              f"{result['flops_per_forward']:.3e} ({FORMULA}).", "",
              "| backend | steps | guidance | s/step | text encode | VAE encode | VAE decode | "
-             "MP4 | MFU | job peak (MiB) | load peak device/host per rank (MiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "MP4 | MFU | job peak (MiB) | load peak device/host per rank (MiB) | "
+             "nvidia-smi peak per rank (MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         load = " ; ".join(f"{r.get('device_mib')}/{r.get('host_mib')}"
                           for r in (row.get("load") or {}).get("peak_memory_per_rank", []))
+        smi = " ; ".join(f"{v}" for v in (row.get("gpu_peak_mib_per_rank") or {}).values())
         for r in row["requests"]:
             if "skipped" in r:
                 lines.append(f"| {row['backend']} | {r['steps']} | {r['guidance']} | skipped: "
-                             f"{r['skipped']} | | | | | | | |")
+                             f"{r['skipped']} | | | | | | | | |")
                 continue
             s = r["stage_durations"]
             lines.append(
@@ -185,9 +190,13 @@ def markdown(result: dict) -> str:
                 f"{r['s_per_denoising_step']:.3f} | {s.get('text_encode', 0):.2f} | "
                 f"{s.get('image_encode', 0):.2f} | {s.get('vae_decode', 0):.2f} | "
                 f"{s.get('mp4_encode', 0):.2f} | {r['mfu']:.1%} | "
-                f"{r['job_peak_memory_mb'] or 0:.0f} | {load} |")
+                f"{r['job_peak_memory_mb'] or 0:.0f} | {load} | {smi or '-'} |")
+    for row in result["rows"]:
+        if "skipped" in row or "error" in row:
+            lines.append(f"| {row['backend']} | not run: {row.get('skipped') or row['error']} "
+                         "| | | | | | | | | | |")
     for name, why in result["refused"].items():
-        lines.append(f"| {name} | not run: {why} | | | | | | | | | |")
+        lines.append(f"| {name} | not run: {why} | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,6 +228,7 @@ def main() -> int:
         args.model = f"{args.model.partition('?')[0]}?layers=1"
         if args.size == "832x480":
             args.size, args.frames, args.steps = "64x64", 1, "1,2"
+        args.server_flags += ["--set", f"limits.min_side={min(map(int, args.size.split('x')))}"]
     device = torch.device("cuda" if gpu else "cpu")
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     short, long = (int(v) for v in args.steps.split(","))
@@ -238,6 +248,13 @@ def main() -> int:
     png = input_png(args.width, args.height, 0)
     rows = []
     for index, name in enumerate(backends):
+        if rows and rows[0].get("requests"):  # a server start and the short request must fit
+            first = rows[0]
+            needed = first["ready_s"] + first["requests"][0].get("e2e_s", args.fixed_guess_s)
+            if time.monotonic() + needed > deadline:
+                rows.append({"backend": name, "requests": [], "skipped": f"needs ~{needed:.0f}s, "
+                             f"{deadline - time.monotonic():.0f}s left"})
+                continue
         plan = [{"steps": short, "guidance": 1.0, "forwards": 1}]
         if index == 0:
             plan.append({"steps": long, "guidance": 3.5, "forwards": 2})
@@ -245,7 +262,10 @@ def main() -> int:
             rows.append(run_backend(name, args, plan, png, deadline, flops, peak, gpu))
         except (RuntimeError, SystemExit) as exc:  # a server that failed: one row, the rest run
             rows.append({"backend": name, "requests": [], "error": str(exc)[:500]})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
     result = {"device": label, "smoke": not gpu, "date": datetime.date.today().isoformat(),
+              "commit": commit,
               "command": "python benchmarks/gpu_served.py " + " ".join(sys.argv[1:]),
               "model": args.model, "shape": f"{args.size} x {args.frames} frames, {tokens} tokens",
               "torch": torch.__version__, "matmul_peak_tflops": peak / 1e12, "peak_n": peak_n,

@@ -87,6 +87,9 @@ def test_gpu_script_smoke_on_cpu_writes_every_figure_and_leaves_benchmarks_alone
     steps = [(r["steps"], r["guidance"]) for r in row["requests"] if "skipped" not in r]
     assert steps == [(1, 1.0), (2, 3.5)]
     for request in row["requests"]:
-        assert request["s_per_denoising_step"] > 0 and 0 < request["mfu"] < 1
+        assert request["s_per_denoising_step"] > 0 and request["tflops_per_rank"] > 0
+        # on a busy CPU the peak and the step are timed under different loads: MFU may pass 1
+        assert request["mfu"] == pytest.approx(request["tflops_per_rank"]
+                                               / result["matmul_peak_tflops"])
         assert {"text_encode", "image_encode", "vae_decode"} <= set(request["stage_durations"])
     assert benchmarks.read_text() == "unchanged\n"

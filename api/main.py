@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         model = assemble(cfg, ctx, model_path)
         ready_barrier(ctx)
         (leader_loop if ctx.is_leader else worker_loop)(ctx, model)
+        # told to stop by rank 0: this node's own stop signal may still be on its way, and
+        # arriving while Python tears the process down (its handlers gone) it would kill it
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         return 0
     finally:
         shutdown()

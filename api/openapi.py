@@ -21,6 +21,28 @@ def _json(ref: str, description: str = "ok") -> dict:
 
 
 REF = "#/components/schemas/{model}"
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_LIST = {"type": "object", "required": ["object", "data", "has_more"], "properties": {
+    "object": {"const": "list"},
+    "data": {"type": "array", "items": {"$ref": REF.format(model="Video")}},
+    "has_more": {"type": "boolean"}, "first_id": _NULLABLE_STRING, "last_id": _NULLABLE_STRING}}
+_DELETED = {"type": "object", "required": ["id", "object", "deleted"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "video.deleted"}, "deleted": {"type": "boolean"}}}
+_MODELS = {"type": "object", "required": ["object", "data"], "properties": {
+    "object": {"const": "list"}, "data": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+            "owned_by": {"type": "string"}, "parent": _NULLABLE_STRING,
+            "capabilities": {"$ref": REF.format(model="ModelCapabilities")}}}}}}
+# what each start-up step did follows these fields (engine/assembly.py)
+_HEALTH = {
+    "type": "object", "required": ["status", "engine", "model", "queue_depth"], "properties": {
+        "status": {"type": "string"}, "engine": {"type": "string"}, "model": {"type": "string"},
+        "queue_depth": {"type": "integer", "minimum": 0}, "current_job": _NULLABLE_STRING,
+        "error": {"type": "string"}, "expert_swaps": {"type": "integer"}}}
+_MP4 = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+# a character Python's str.strip() keeps (the server strips the prompt before checking it)
+_NOT_SPACE = r"[^\t-\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 # one server-sent event (the schema of a text/event-stream describes each event before 3.2)
 _SSE = {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "contentMediaType": "application/json",
@@ -44,20 +66,42 @@ def _create_schema(cfg: ServerConfig) -> dict:
     props["fps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_fps}
     props["num_inference_steps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_steps}
     props["prompt"] = {"type": "string", "minLength": 1, "maxLength": lim.max_prompt_chars,
-                       "pattern": r"\S"}
-    props["lora"] = {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}],
-                     "description": "a registered adapter (`/v1/models`): `name`, `name:scale`, "
-                     "`name:scale_high:scale_low`, {name, scale | scale_high, scale_low}, "
-                     "{name, path, scale} under --lora-dir, or a list; absent: the default"}
+                       "pattern": _NOT_SPACE}
+    props["negative_prompt"] = {"type": "string", "maxLength": lim.max_prompt_chars}
+    props["model"] = {"enum": [cfg.served_model_name]}
+    for name in ("guidance_scale", "guidance_scale_2"):
+        props[name] = {"type": "number", "minimum": 0, "maximum": 50}
+    props["flow_shift"] = {"type": "number", "minimum": 0.01, "maximum": 100}
+    props["seconds"] = {"type": "number", "exclusiveMinimum": 0,
+                        "description": f"instead of `num_frames`: seconds x fps, to the nearest "
+                        f"4k+1 frames, at most {lim.max_frames}"}
+    if cfg.adapters or cfg.lora_dir:
+        props["lora"] = {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}],
+                         "description": "a registered adapter (`/v1/models`): `name`, "
+                         "`name:scale`, `name:scale_high:scale_low`, {name, scale | scale_high, "
+                         "scale_low}, {name, path, scale} under --lora-dir, or a list; absent: "
+                         "the default"}
+    else:
+        props["lora"] = {"const": "none", "description": "no adapters are registered here"}
     if lim.require_image:
         schema["required"] = ["prompt", "input_reference"]
     return schema
 
 
+def _not_null(schema: dict) -> dict:
+    """A form field is text or absent, never null: `anyOf [X, null]` → X."""
+    options = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
+    if len(options) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return {**options[0], **rest}
+
+
 def openapi_spec(cfg: ServerConfig) -> dict:
     create = _create_schema(cfg)
     multipart = {**create, "properties": {
-        **create["properties"], "input_reference": {"type": "string", "format": "binary"},
+        **{name: _not_null(prop) for name, prop in create["properties"].items()},
+        "input_reference": {"type": "string", "format": "binary"},
         "extra_params": {"type": "string", "description": "a JSON object of more fields"}}}
     body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": create}}}
@@ -98,20 +142,22 @@ def openapi_spec(cfg: ServerConfig) -> dict:
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
                         {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}}],
-                    "responses": {"200": {"description": "a page of videos"}, **_errors(400, 401)},
+                    "responses": {"200": {"description": "a page of videos", "content": {
+                        "application/json": {"schema": _LIST}}}, **_errors(400, 401)},
                 },
             },
             "/v1/videos/{video_id}": {
                 "get": {"parameters": [video_id], "responses": {"200": _json("Video"),
                                                                  **_errors(401, 404)}},
                 "delete": {"parameters": [video_id],
-                           "responses": {"200": {"description": "deleted"}, **_errors(401, 404)}},
+                           "responses": {"200": {"description": "deleted", "content": {
+                               "application/json": {"schema": _DELETED}}}, **_errors(401, 404)}},
             },
             "/v1/videos/sync": {
                 "post": {
                     "summary": "Create a video and answer the MP4 itself (vLLM-Omni's route)",
                     "requestBody": body,
-                    "responses": {"200": {"description": "the MP4", "content": {"video/mp4": {}},
+                    "responses": {"200": {"description": "the MP4", "content": _MP4,
                                           "headers": {
                                               name: {"schema": {"type": "string"}} for name in
                                               ("X-Request-Id", "X-Model", "X-Inference-Time-S")}},
@@ -129,16 +175,20 @@ def openapi_spec(cfg: ServerConfig) -> dict:
             "/v1/videos/{video_id}/content": {
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",
                                                   "schema": {"enum": ["video"]}}],
-                        "responses": {"200": {"description": "the MP4",
-                                              "content": {"video/mp4": {}}},
-                                      "206": {"description": "a byte range of the MP4"},
+                        "responses": {"200": {"description": "the MP4", "content": _MP4},
+                                      "206": {"description": "a byte range of the MP4",
+                                              "content": _MP4},
                                       **_errors(400, 401, 404, 416)}},
             },
-            "/v1/models": {"get": {"responses": {"200": {
-                "description": "served models; the served model's entry has `capabilities` "
-                               "(ModelCapabilities: sizes, defaults, limits, inputs)"}}}},
-            "/health": {"get": {"responses": {"200": {"description": "ready"},
-                                              "503": {"description": "not ready"}}}},
-            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus metrics"}}}},
+            "/v1/models": {"get": {"responses": {
+                "200": {"description": "the served model (with its `capabilities`: sizes, "
+                               "defaults, limits, inputs), then its adapters",
+                        "content": {"application/json": {"schema": _MODELS}}}, **_errors(401)}}},
+            "/health": {"get": {"responses": {
+                code: {"description": what, "content": {"application/json": {"schema": _HEALTH}}}
+                for code, what in (("200", "ready"), ("503", "not ready"))}}},
+            "/metrics": {"get": {"responses": {"200": {
+                "description": "Prometheus metrics", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}}}}},
         },
     }

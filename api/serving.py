@@ -14,6 +14,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,8 +81,10 @@ class VideoService:
                   num_frames=request.num_frames, fps=request.fps,
                   num_inference_steps=request.num_inference_steps,
                   quality=params.quality or "high")
-        # the seed pinned: a re-run after a restart makes the same video
-        self.store.add(job, {**fields, "seed": request.seed}, files)
+        try:  # the seed pinned: a re-run after a restart makes the same video
+            self.store.add(job, {**fields, "seed": request.seed}, files)
+        except (OSError, sqlite3.Error) as exc:  # a full disk
+            raise GenerationFailed(f"could not store the job: {exc}", code="storage_failed") from None
         queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
         try:

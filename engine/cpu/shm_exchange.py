@@ -248,29 +248,29 @@ def _affordable(capacity: int, world: int) -> int:
 
 
 def _sees_peers(everyone: list, index: int) -> bool:
-    """Every peer's file is in my /dev/shm with the mark the peer wrote into it: we share one
-    /dev/shm. Host names do not tell (containers on one host with a /dev/shm each may share the
-    host's name), nor does LOCAL_WORLD_SIZE (two launchers on one host are two "nodes")."""
-    for k, (_, _, name, mark) in enumerate(everyone):
-        if k == index:
-            continue
-        try:
-            with open(os.path.join(SHM_DIR, name), "rb") as f:
-                f.seek(MARK_AT)
-                if f.read(len(mark)) != mark:
-                    return False
-        except OSError:
-            return False
-    return True
+    """Every peer's file is in my /dev/shm with the peer's mark: we share one /dev/shm. Host
+    names do not tell (containers with a /dev/shm each may share one), nor does
+    LOCAL_WORLD_SIZE (two launchers on one host are two "nodes")."""
+    return all(_mark_of(name) == mark
+               for k, (_, _, name, mark) in enumerate(everyone) if k != index)
+
+
+def _mark_of(name: str) -> bytes | None:
+    try:
+        with open(os.path.join(SHM_DIR, name), "rb") as f:
+            f.seek(MARK_AT)
+            return f.read(16)
+    except OSError:
+        return None
 
 
 def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> ShmChannel | None:
     """A channel for `group` (a collective over it), or None on every rank when any rank cannot
-    have one: not Linux x86-64, ranks not sharing one /dev/shm (other hosts, or containers with
-    a /dev/shm each: `_sees_peers`), or /dev/shm without room. Its
-    capacity is `capacity` or less where /dev/shm is small (`_affordable`). `spin`:
-    a waiting rank first reads its peer's number in a busy loop (~1 ms; right when every rank
-    has a core of its own), else it yields its core at once."""
+    have one: not Linux x86-64, ranks not sharing one /dev/shm (`_sees_peers`: other hosts, or
+    containers with one each), or /dev/shm without room. Its capacity is `capacity` or less
+    where /dev/shm is small (`_affordable`). `spin`: a waiting rank first reads its peer's
+    number in a busy loop (~1 ms; right when every rank has a core of its own), else it yields
+    its core at once."""
     world = dist.get_world_size(group)
     index = dist.get_rank(group)
     # rank 0 names the files and sizes them to what /dev/shm has room for (Docker gives a
@@ -281,7 +281,7 @@ def open_channel(group, capacity: int, timeout_s: float, spin: bool = True) -> S
     token, capacity = box[0]
     name = f"wanserve-{token}-{index}"
     path = os.path.join(SHM_DIR, name)
-    mark = uuid.uuid4().bytes
+    mark = uuid.uuid4().bytes  # 16 bytes
     ok = supported() and capacity >= min(wanted, MIN_CAPACITY)
     if ok:
         try:

@@ -91,7 +91,7 @@ def die_with_launcher() -> None:
 
     torchrun starts the ranks in sessions of their own, so a SIGKILL to the launcher's process
     group leaves them running, still holding the HTTP port a restart needs. The jobs they had
-    running are then failed as `server_restarted` by the next start's recovery.
+    running are queued again by the next start's recovery (api/resume.py).
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
+from engine.features import ModelFeatures
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -53,6 +54,7 @@ class Engine:
         self.error: str | None = None
         self.current_job: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
+        self.features = ModelFeatures()  # what requests may ask of the model, once loaded
         self.offload = None  # engine.offload.ExpertOffload when the inactive expert is offloaded
         self._stopping = False
 
@@ -110,6 +112,7 @@ class Engine:
             self._fail(f"engine failed to start: {exc}")
             return
         self.info = model.info
+        self.features = model.features
         self.offload = model.offload
         self.state = "ready"
         log.info("engine ready")

@@ -60,7 +60,11 @@ def _form(body: bytes, ctype: str, params: dict) -> tuple[dict, dict]:
         raise InvalidRequest(f"the form body cannot be parsed: {exc}", code="invalid_form") from None
 
 
-def _fields_and_image(request: Request) -> tuple[dict, bytes | None]:
+IMAGE_FIELDS = ("input_reference", "last_frame")  # may come as file parts
+
+
+def _fields_and_images(request: Request) -> tuple[dict, dict[str, bytes]]:
+    """The form or JSON fields, and the bytes of each image sent as a file part."""
     header = request.headers.get("content-type")
     if header is None:  # request.content_type would say application/octet-stream
         raise UnsupportedMediaType("no Content-Type; send multipart/form-data or application/json",
@@ -68,15 +72,16 @@ def _fields_and_image(request: Request) -> tuple[dict, bytes | None]:
     ctype, params = parse_content_header(header)
     body = request.body or b""
     if ctype == "application/json":
-        return _json_object(body), None
+        return _json_object(body), {}
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form, files = _form(body, ctype, params)
         fields = {key: values[0] for key, values in form.items()}
-        uploads = files.get("input_reference")
-        if uploads:
-            fields.pop("input_reference", None)
-            return fields, uploads[0].body
-        return fields, None
+        images = {}
+        for name in IMAGE_FIELDS:
+            if files.get(name):
+                fields.pop(name, None)
+                images[name] = files[name][0].body
+        return fields, images
     raise UnsupportedMediaType(f"unsupported Content-Type {ctype!r}; send "
                                "multipart/form-data or application/json", code="unsupported_media_type")
 
@@ -135,10 +140,10 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
-        fields, image = _fields_and_image(request)
+        fields, images = _fields_and_images(request)
         loop = asyncio.get_running_loop()
         # image decoding and fitting take milliseconds to seconds: keep them off the loop
-        job = await loop.run_in_executor(None, service.create_job, fields, image)
+        job = await loop.run_in_executor(None, service.create_job, fields, images)
         if "respond-async" in request.headers.get("prefer", "").lower():
             return json(job.public(), status=202,
                         headers={**POLL_HEADERS, "Preference-Applied": "respond-async"})
@@ -150,9 +155,9 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.post("/v1/videos/sync")
     async def create_video_sync(request: Request):
-        fields, image = _fields_and_image(request)
+        fields, images = _fields_and_images(request)
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, service.create_job, fields, image)
+        job = await loop.run_in_executor(None, service.create_job, fields, images)
         job = await service.wait_for_caller(job.id)
         data = await loop.run_in_executor(None, service.video_bytes, job)
         return raw(data, content_type="video/mp4", headers={
@@ -247,7 +252,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.get("/openapi.json")
     async def openapi(request: Request):
-        return json(openapi_spec(cfg))
+        engine = service.engine
+        return json(openapi_spec(cfg, engine.features) if engine else openapi_spec(cfg))
 
     app.ctx.started = time.time()
     return app

@@ -49,11 +49,13 @@ class VideoService:
                                     headers={"Retry-After": "5"})
         return self.engine
 
-    def create_job(self, fields: dict, image_bytes: bytes | None) -> Job:
+    def create_job(self, fields: dict, images: dict[str, bytes]) -> Job:
+        """`images`: the bytes of the image fields sent as file parts, by field name."""
         engine = self._require_engine()
         params = parse_params(fields)
         job_id = new_job_id()
-        request = resolve_request(job_id, params, image_bytes, self.cfg)
+        request = resolve_request(job_id, params, images.get("input_reference"), self.cfg,
+                                  engine.features, images.get("last_frame"))
         job = Job(id=job_id, status="queued", created_at=int(time.time()),
                   model=self.cfg.served_model_name, prompt=request.prompt,
                   seconds=f"{request.num_frames / request.fps:g}",

@@ -143,7 +143,8 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
             },
             "/v1/videos/{video_id}/content": {
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",
-                                                  "schema": {"enum": ["video"]}}],
+                                                  # empty is absent, as for every field
+                                                  "schema": {"enum": ["video", ""]}}],
                         "responses": {"200": {"description": "the MP4",
                                               "content": {"video/mp4": {}}},
                                       "206": {"description": "a byte range of the MP4"},

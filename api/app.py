@@ -16,6 +16,7 @@ from sanic.request.form import parse_multipart_form
 from sanic.response import HTTPResponse, file, json, raw
 
 from api.capabilities import model_capabilities
+from engine.features import ModelFeatures
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from api.events import follow
@@ -112,7 +113,6 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     app.config.RESPONSE_TIMEOUT = max(600, int(cfg.job_timeout_s) + 60)
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.ctx.service = service
-    capabilities = model_capabilities(cfg).model_dump()
     app.static("/static", STATIC_DIR, name="playground_files")
 
     @app.get("/")
@@ -247,7 +247,9 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
                      "lora": spec.public()} for spec in cfg.adapters]
         return json({"object": "list", "data": [{
             "id": cfg.served_model_name, "object": "model", "created": created,
-            "owned_by": "wanserve", "root": cfg.model, **info, "capabilities": capabilities,
+            "owned_by": "wanserve", "root": cfg.model, **info,
+            "capabilities": model_capabilities(cfg, service.engine.features
+                                               if service.engine else ModelFeatures()).model_dump(),
             "adapters": [spec.public() for spec in cfg.adapters]}, *adapters]})
 
     @app.get("/metrics")
@@ -257,7 +259,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.get("/openapi.json")
     async def openapi(request: Request):
-        return json(openapi_spec(cfg))
+        engine = service.engine
+        return json(openapi_spec(cfg, engine.features) if engine else openapi_spec(cfg))
 
     app.ctx.started = time.time()
     return app

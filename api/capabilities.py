@@ -4,6 +4,7 @@ from __future__ import annotations
 from api.images import size_for_aspect
 from api.protocol import ModelCapabilities, ModelDefaults, ModelLimits
 from engine.config import ServerConfig
+from engine.features import ModelFeatures
 
 # landscape first: the shape most first frames have
 ASPECTS = ((16, 9), (9, 16), (1, 1), (4, 3), (3, 4))
@@ -26,11 +27,13 @@ def size_choices(cfg: ServerConfig) -> list[str]:
     return choices
 
 
-def model_capabilities(cfg: ServerConfig) -> ModelCapabilities:
+def model_capabilities(cfg: ServerConfig,
+                       features: ModelFeatures = ModelFeatures()) -> ModelCapabilities:
+    """`features`: the loaded model's (engine/features.py; before it has loaded, A14B's)."""
     d, lim = cfg.defaults, cfg.limits
     return ModelCapabilities(
-        first_frame_required=lim.require_image,
-        last_frame=False,  # no first+last frame model is served yet
+        first_frame_required=lim.require_image or not features.text_to_video,
+        last_frame=features.last_frame,
         sizes=size_choices(cfg),
         defaults=ModelDefaults(size=None, num_frames=d.num_frames, fps=d.fps,
                                num_inference_steps=d.num_inference_steps,

@@ -18,7 +18,8 @@ from engine.config import load_config
 from engine.distributed import (die_with_launcher, env_world, init_distributed, ready_barrier,
                                 shutdown)
 from engine.layout import LayoutError
-from engine.startup import check_devices, check_layout, resolve_model_path, setup_logging
+from engine.startup import (check_devices, check_layout, check_sizes, resolve_model_path,
+                            setup_logging)
 
 log = logging.getLogger("wanserve")
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, _ = env_world()
     setup_logging(cfg.log_level, rank)
     model_path = resolve_model_path(cfg)
+    check_sizes(cfg, model_path)
     try:
         check_layout(cfg, world_size, model_path)
         check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))

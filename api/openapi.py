@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from api.protocol import ModelCapabilities, VideoCreateParams, VideoEvent, VideoJob
 from engine.config import ServerConfig
+from engine.features import ModelFeatures
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -50,17 +51,25 @@ _SSE = {"type": "object", "required": ["data"], "properties": {
     "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
-def _create_schema(cfg: ServerConfig) -> dict:
-    """VideoCreateParams with this preset's limits, so that the spec states what is accepted.
-    (Cross-field rules, such as `size` excluding `width`/`height`, are in the descriptions.)"""
+def _create_schema(cfg: ServerConfig, features: ModelFeatures) -> dict:
+    """VideoCreateParams with this preset's limits and the model's inputs, so that the spec
+    states what is accepted. (Cross-field rules, such as `size` excluding `width`/`height`, are
+    in the descriptions.)"""
     lim = cfg.limits
     schema = VideoCreateParams.model_json_schema(ref_template=REF)
     props = schema["properties"]
-    side = {"type": "integer", "multipleOf": 16, "minimum": lim.min_side, "maximum": lim.max_side}
+    multiple = lim.size_multiple
+    side = {"type": "integer", "multipleOf": multiple, "minimum": lim.min_side,
+            "maximum": lim.max_side}
     props["width"] = {**side, "description": "with `height`, instead of `size`"}
     props["height"] = {**side, "description": "with `width`, instead of `size`"}
     props["size"] = {"type": "string", "pattern": r"^[0-9]{2,4}x[0-9]{2,4}$",
-                     "description": f"WxH, multiples of 16, at most {lim.max_pixels} pixels"}
+                     "description": f"WxH, multiples of {multiple}, at most {lim.max_pixels} "
+                     "pixels"}
+    if not features.last_frame:
+        del props["last_frame"]
+    if features.experts == 1:
+        del props["guidance_scale_2"], props["boundary_ratio"]
     props["num_frames"] = {"type": "integer", "enum": list(range(1, lim.max_frames + 1, 4)),
                            "description": "4k+1; instead of `seconds`"}
     props["fps"] = {"type": "integer", "minimum": 1, "maximum": lim.max_fps}
@@ -70,7 +79,8 @@ def _create_schema(cfg: ServerConfig) -> dict:
     props["negative_prompt"] = {"type": "string", "maxLength": lim.max_prompt_chars}
     props["model"] = {"enum": [cfg.served_model_name]}
     for name in ("guidance_scale", "guidance_scale_2"):
-        props[name] = {"type": "number", "minimum": 0, "maximum": 50}
+        if name in props:
+                props[name] = {"type": "number", "minimum": 0, "maximum": 50}
     props["flow_shift"] = {"type": "number", "minimum": 0.01, "maximum": 100}
     props["seconds"] = {"type": "number", "exclusiveMinimum": 0,
                         "description": f"instead of `num_frames`: seconds x fps, to the nearest "
@@ -83,7 +93,11 @@ def _create_schema(cfg: ServerConfig) -> dict:
                          "the default"}
     else:
         props["lora"] = {"const": "none", "description": "no adapters are registered here"}
-    if lim.require_image:
+    props["input_reference"] = {**props["input_reference"], "description": (
+        "the first frame: a data: URL, bare base64 or {\"image_url\": ...}" +
+        ("" if lim.require_image or not features.text_to_video else
+         "; without it the video is made from the prompt alone (text-to-video)"))}
+    if lim.require_image or not features.text_to_video:
         schema["required"] = ["prompt", "input_reference"]
     return schema
 
@@ -97,11 +111,13 @@ def _not_null(schema: dict) -> dict:
     return {**options[0], **rest}
 
 
-def openapi_spec(cfg: ServerConfig) -> dict:
-    create = _create_schema(cfg)
+def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -> dict:
+    """`features`: the served model's (engine/features.py; before it has loaded, A14B's)."""
+    create = _create_schema(cfg, features)
+    images = {name: {"type": "string", "format": "binary"}
+              for name in ("input_reference", "last_frame") if name in create["properties"]}
     multipart = {**create, "properties": {
-        **{name: _not_null(prop) for name, prop in create["properties"].items()},
-        "input_reference": {"type": "string", "format": "binary"},
+        **{name: _not_null(prop) for name, prop in create["properties"].items()}, **images,
         "extra_params": {"type": "string", "description": "a JSON object of more fields"}}}
     body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": create}}}
@@ -116,7 +132,8 @@ def openapi_spec(cfg: ServerConfig) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "wanserve", "version": "0.1.0",
-                 "description": f"Image-to-video with {cfg.served_model_name}"},
+                 "description": ("Text- and image-to-video" if features.text_to_video else
+                                 "Image-to-video") + f" with {cfg.served_model_name}"},
         "components": {"schemas": {"Error": _ERROR, "Video": job, "VideoSync": sync,
                                    "VideoEvent": event, "ModelCapabilities": capabilities,
                                    **capabilities.pop("$defs", {}), **event.pop("$defs", {}),
@@ -174,7 +191,8 @@ def openapi_spec(cfg: ServerConfig) -> dict:
             },
             "/v1/videos/{video_id}/content": {
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",
-                                                  "schema": {"enum": ["video"]}}],
+                                                  # empty is absent, as for every field
+                                                  "schema": {"enum": ["video", ""]}}],
                         "responses": {"200": {"description": "the MP4", "content": _MP4},
                                       "206": {"description": "a byte range of the MP4",
                                               "content": _MP4},

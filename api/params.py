@@ -20,6 +20,7 @@ from api.protocol import VideoCreateParams
 from engine.adapter_choice import resolve_lora
 from engine.adapters import AdapterError
 from engine.config import ServerConfig
+from engine.features import ModelFeatures
 from engine.request import GenerationRequest
 
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
@@ -65,18 +66,18 @@ def parse_params(fields: dict) -> VideoCreateParams:
                              code="invalid_value") from None
 
 
-def decode_base64_image(value: str) -> bytes:
-    """`input_reference` in JSON: a data: URL or bare base64. Remote URLs are not fetched."""
+def decode_base64_image(value: str, param: str = "input_reference") -> bytes:
+    """An image field in JSON: a data: URL or bare base64. Remote URLs are not fetched."""
     if value.startswith(("http://", "https://")):
-        raise InvalidRequest("remote `input_reference` URLs are not fetched by this server; "
+        raise InvalidRequest(f"remote `{param}` URLs are not fetched by this server; "
                              "send the image as a file part or a data: URL",
-                             param="input_reference", code="remote_url_not_allowed")
+                             param=param, code="remote_url_not_allowed")
     match = DATA_URL_RE.match(value)
     payload = match.group("data") if match else value
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest("`input_reference` is not valid base64", param="input_reference",
+        raise InvalidRequest(f"`{param}` is not valid base64", param=param,
                              code="invalid_image") from None
 
 
@@ -86,37 +87,44 @@ class ResolvedSize:
     height: int
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    match = SIZE_RE.match(text)
+    if not match:
+        raise InvalidRequest(f"`size` must look like '832x480' (width x height), got {text!r}",
+                             param="size", code="invalid_value")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _resolve_size(p: VideoCreateParams, cfg: ServerConfig, image: PIL.Image.Image | None) -> ResolvedSize:
     lim = cfg.limits
+    multiple = lim.size_multiple
     if p.size is not None:
         if p.width is not None or p.height is not None:
             raise InvalidRequest("give either `size` or `width`/`height`, not both", param="size",
                                  code="conflicting_parameters")
-        match = SIZE_RE.match(p.size)
-        if not match:
-            raise InvalidRequest(f"`size` must look like '832x480' (width x height), got {p.size!r}",
-                                 param="size", code="invalid_value")
-        width, height, param = int(match.group(1)), int(match.group(2)), "size"
+        (width, height), param = _parse_size(p.size), "size"
     elif p.width is not None or p.height is not None:
         if p.width is None or p.height is None:
             missing = "height" if p.height is None else "width"
             raise InvalidRequest(f"`width` and `height` go together; `{missing}` is missing",
                                  param=missing, code="missing_required_parameter")
         width, height, param = p.width, p.height, None
+    elif image is None and cfg.defaults.size:  # text-to-video: the preset's size
+        (width, height), param = _parse_size(cfg.defaults.size), None
     else:
         area = min(cfg.defaults.pixel_area, lim.max_pixels)
         if image is None:
-            side = int(area ** 0.5) // 16 * 16
+            side = int(area ** 0.5) // multiple * multiple
             return ResolvedSize(side, side)
-        width, height = size_for_aspect(image.width, image.height, area)
-        width = min(max(width, lim.min_side), lim.max_side) // 16 * 16
-        height = min(max(height, lim.min_side), lim.max_side) // 16 * 16
+        width, height = size_for_aspect(image.width, image.height, area, multiple)
+        width = min(max(width, lim.min_side), lim.max_side) // multiple * multiple
+        height = min(max(height, lim.min_side), lim.max_side) // multiple * multiple
         return ResolvedSize(width, height)
     for name, value in (("width", width), ("height", height)):
         where = param or name
-        if value % 16:
-            raise InvalidRequest(f"`{name}` has to be a multiple of 16, got {value}", param=where,
-                                 code="invalid_value")
+        if value % multiple:
+            raise InvalidRequest(f"`{name}` has to be a multiple of {multiple}, got {value}",
+                                 param=where, code="invalid_value")
         if not lim.min_side <= value <= lim.max_side:
             raise InvalidRequest(f"`{name}` must be between {lim.min_side} and {lim.max_side}, "
                                  f"got {value}", param=where, code="invalid_value")
@@ -157,8 +165,45 @@ def _in_range(value, name: str, low, high):
     return value
 
 
+def _image_of(p: VideoCreateParams, param: str, upload: bytes | None,
+              cfg: ServerConfig) -> PIL.Image.Image | None:
+    """The decoded image of field `param`: the file part if there is one, else its JSON text."""
+    text = getattr(p, param)
+    if upload is None and text is not None:
+        upload = decode_base64_image(text, param)
+    if upload is None:
+        return None
+    return decode_image(upload, max_bytes=cfg.limits.max_upload_bytes,
+                        max_pixels=cfg.limits.max_image_pixels, param=param)
+
+
+def _refuse_unused(p: VideoCreateParams, features: ModelFeatures, last_frame: bool) -> None:
+    """Fields this model cannot use: a 400 naming them, never a silent drop."""
+    if last_frame and not features.last_frame:
+        raise InvalidRequest("this model cannot take `last_frame`: it conditions on the first "
+                             "frame alone (per-token timesteps, as Wan2.2-TI2V)",
+                             param="last_frame", code="unsupported_parameter")
+    if features.experts == 1:
+        for name in ("guidance_scale_2", "boundary_ratio"):
+            if getattr(p, name) is not None:
+                raise InvalidRequest(f"this model has one expert: `{name}`, which is for a "
+                                     "second (low-noise) expert, does not apply", param=name,
+                                     code="unsupported_parameter")
+
+
+def _guidance_2(p: VideoCreateParams, cfg: ServerConfig, features: ModelFeatures) -> float | None:
+    if features.experts == 1:
+        return None
+    value = p.guidance_scale_2 if p.guidance_scale_2 is not None else (
+        p.guidance_scale if p.guidance_scale is not None else cfg.defaults.guidance_scale_2)
+    return _in_range(value, "guidance_scale_2", 0.0, 50.0)
+
+
 def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None,
-                    cfg: ServerConfig) -> GenerationRequest:
+                    cfg: ServerConfig, features: ModelFeatures = ModelFeatures(),
+                    last_frame_bytes: bytes | None = None) -> GenerationRequest:
+    """`features`: what the served model can take (engine/features.py); the default is
+    Wan2.2-I2V-A14B's."""
     lim, d = cfg.limits, cfg.defaults
     if p.model is not None and p.model != cfg.served_model_name:
         raise InvalidRequest(f"the model `{p.model}` is not served here; this server serves "
@@ -170,16 +215,15 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
     if p.negative_prompt and len(p.negative_prompt) > lim.max_prompt_chars:
         raise InvalidRequest(f"`negative_prompt` is longer than {lim.max_prompt_chars} characters",
                              param="negative_prompt", code="invalid_value")
-    if image_bytes is None and p.input_reference is not None:
-        image_bytes = decode_base64_image(p.input_reference)
-    image = None
-    if image_bytes is not None:
-        image = decode_image(image_bytes, max_bytes=lim.max_upload_bytes,
-                             max_pixels=lim.max_image_pixels)
-    elif lim.require_image:
-        raise InvalidRequest("`input_reference` (the first frame) is required by this "
-                             "image-to-video model", param="input_reference",
-                             code="missing_required_parameter")
+    _refuse_unused(p, features, last_frame_bytes is not None or p.last_frame is not None)
+    image = _image_of(p, "input_reference", image_bytes, cfg)
+    last_frame = _image_of(p, "last_frame", last_frame_bytes, cfg)
+    if image is None and (lim.require_image or not features.text_to_video or last_frame):
+        what = ("a video that ends on `last_frame` needs its first frame too" if last_frame
+                else "`input_reference` (the first frame) is required by this image-to-video "
+                "model" if not features.text_to_video else
+                "`input_reference` (the first frame) is required by this server's preset")
+        raise InvalidRequest(what, param="input_reference", code="missing_required_parameter")
     try:
         lora = resolve_lora(p.lora, cfg)
     except AdapterError as exc:
@@ -187,16 +231,17 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
     fps = _in_range(p.fps if p.fps is not None else d.fps, "fps", 1, lim.max_fps)
     num_frames = _resolve_frames(p, cfg, fps)
     size = _resolve_size(p, cfg, image)
-    if image is None:
-        image = PIL.Image.new("RGB", (size.width, size.height), (127, 127, 127))
     guidance_scale = p.guidance_scale if p.guidance_scale is not None else d.guidance_scale
-    guidance_scale_2 = p.guidance_scale_2 if p.guidance_scale_2 is not None else (
-        p.guidance_scale if p.guidance_scale is not None else d.guidance_scale_2)
+
+    def fitted(frame: PIL.Image.Image | None):
+        return None if frame is None else fit_to_size(frame, size.width, size.height)
+
     return GenerationRequest(
         job_id=job_id,
         prompt=p.prompt,
         negative_prompt=p.negative_prompt if p.negative_prompt is not None else d.negative_prompt,
-        image=fit_to_size(image, size.width, size.height),
+        image=fitted(image),  # None: text-to-video
+        last_frame=fitted(last_frame),
         width=size.width,
         height=size.height,
         num_frames=num_frames,
@@ -204,8 +249,9 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         num_inference_steps=_in_range(p.num_inference_steps or d.num_inference_steps,
                                       "num_inference_steps", 1, lim.max_steps),
         guidance_scale=_in_range(guidance_scale, "guidance_scale", 0.0, 50.0),
-        guidance_scale_2=_in_range(guidance_scale_2, "guidance_scale_2", 0.0, 50.0),
-        boundary_ratio=p.boundary_ratio if p.boundary_ratio is not None else d.boundary_ratio,
+        guidance_scale_2=_guidance_2(p, cfg, features),
+        boundary_ratio=None if features.experts == 1 else (
+            p.boundary_ratio if p.boundary_ratio is not None else d.boundary_ratio),
         flow_shift=_in_range(p.flow_shift if p.flow_shift is not None else d.flow_shift,
                              "flow_shift", 0.01, 100.0),
         seed=p.seed if p.seed is not None else secrets.randbelow(2**31),

@@ -20,6 +20,10 @@ class VideoCreateParams(BaseModel):
     negative_prompt: Optional[str] = None
     model: Optional[str] = None
     input_reference: Optional[str] = None  # JSON only: data: URL or bare base64
+    last_frame: Optional[str] = Field(
+        default=None, description="the frame the video ends on (first+last frame; models "
+        "that take it): a file part in multipart; in JSON a data: URL, bare base64 or "
+        "{\"image_url\": ...}; fitted to the size like `input_reference`")
     size: Optional[str] = None
     width: Optional[int] = Field(default=None, ge=1)
     height: Optional[int] = Field(default=None, ge=1)
@@ -49,7 +53,7 @@ class VideoCreateParams(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
-    @field_validator("input_reference", mode="before")
+    @field_validator("input_reference", "last_frame", mode="before")
     @classmethod
     def _image_reference_object(cls, value: Any) -> Any:
         # the OpenAI SDK's ImageInputReferenceParam: {"image_url": "data:..."} or {"file_id"}

@@ -68,7 +68,8 @@ class VideoService:
     def request_for(self, job_id: str, fields: dict, files: dict[str, bytes]):
         """(params, GenerationRequest) from a request's fields and file parts."""
         params = parse_params(fields)
-        return params, resolve_request(job_id, params, files.get("input_reference"), self.cfg)
+        return params, resolve_request(job_id, params, files.get("input_reference"), self.cfg,
+                                       self.engine.features, files.get("last_frame"))
 
     def create_job(self, fields: dict, files: dict[str, bytes]) -> Job:
         engine = self._require_engine()

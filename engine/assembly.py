@@ -20,6 +20,7 @@ from engine import cpu
 from engine.adapters import Adapters, load_adapters
 from engine.config import ServerConfig
 from engine.distributed import DistContext, gather_to_all
+from engine.features import ModelFeatures, features_of
 from engine.model_layouts import RandomModel
 from engine.offload import EXPERTS, ExpertOffload, place_on_device
 from engine.parallel import start_parallel_runtime
@@ -41,6 +42,7 @@ class ServedModel:
     offload: ExpertOffload | None = None
     after_job: Callable[[], None] | None = None  # every rank, after every job
     adapters: Adapters | None = None  # the per-request LoRA switch
+    features: ModelFeatures = ModelFeatures()  # what requests may ask of it
 
 
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
@@ -86,4 +88,5 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
     if ctx.is_driver:
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
-    return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters)
+    return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
+                       features_of(pipe))

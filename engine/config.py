@@ -14,6 +14,7 @@ from engine.layout import ParallelLayout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+EMBEDDED_MODELS = ("tiny", "tiny-ti2v")  # engine/tiny_model.py; each has configs/<name>.yaml
 CREATE_RESPONSES = ("sync", "async")
 
 
@@ -24,11 +25,12 @@ class Defaults:
     fps: int
     num_inference_steps: int
     guidance_scale: float
-    guidance_scale_2: float
-    boundary_ratio: float
+    guidance_scale_2: float | None  # null on a one-expert model (TI2V-5B)
+    boundary_ratio: float | None  # null on a one-expert model
     flow_shift: float
     negative_prompt: str = ""
     sample_solver: str = "unipc"  # or "euler" (the distilled LoRAs' exact sigmas)
+    size: str | None = None  # "WxH" of a request with neither a size nor an image
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Limits:
     max_prompt_chars: int
     max_upload_bytes: int
     max_image_pixels: int
-    require_image: bool = True
+    require_image: bool = True  # false: without `input_reference`, text-to-video (TI2V only)
+    size_multiple: int = 16  # widths and heights: the VAE's spatial factor x the patch
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ServerConfig:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == "tiny"
+        return self.model in EMBEDDED_MODELS
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
@@ -131,11 +134,14 @@ def _sizes(value) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wanserve", description="Serve Wan2.2 image-to-video.")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset")
-    p.add_argument("--model", help="'tiny', a path to a diffusers-format Wan2.2-I2V checkpoint, "
-                   "or random:NAME[?layers=N]: a published layout (engine/model_layouts.py) "
-                   "built on the device with random weights")
+    p = argparse.ArgumentParser(prog="wanserve", description="Serve Wan2.2 video generation: "
+                                "image-to-video, and text-to-video with TI2V.")
+    p.add_argument("--config", type=Path, help="YAML preset (default: configs/tiny.yaml, or "
+                   "configs/tiny-ti2v.yaml with --model tiny-ti2v)")
+    p.add_argument("--model", help="'tiny' (Wan2.2-I2V-A14B in miniature), 'tiny-ti2v' "
+                   "(Wan2.2-TI2V-5B in miniature), a path to a diffusers-format Wan2.2 "
+                   "checkpoint, or random:NAME[?layers=N]: a published layout "
+                   "(engine/model_layouts.py) built on the device with random weights")
     p.add_argument("--served-model-name", help="the model id clients see")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host")
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: list[str] | None = None) -> ServerConfig:
     args = build_parser().parse_args(argv)
+    if args.config is None:
+        args.config = (REPO_ROOT / "configs" / f"{args.model}.yaml"
+                       if args.model in EMBEDDED_MODELS else DEFAULT_CONFIG)
     with open(args.config) as f:
         tree = yaml.safe_load(f) or {}
     for item in args.set:

@@ -20,6 +20,7 @@ from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
 from engine.replicas import RemoteReplica, ReplicaFailed, ReplicaLost
+from engine.features import ModelFeatures
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -76,6 +77,7 @@ class Engine:
         self.state = "loading"  # loading → ready → stopped | failed
         self.error: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
+        self.features = ModelFeatures()  # what requests may ask of the model, once loaded
         self.offload = None  # engine.offload.ExpertOffload when the inactive expert is offloaded
         self._stopping = False
 
@@ -147,6 +149,7 @@ class Engine:
             self._fail(f"engine failed to start: {exc}")
             return
         self.info = model.info
+        self.features = model.features
         self.offload = model.offload
         for replica in self.replicas:
             replica.state = "idle"

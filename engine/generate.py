@@ -94,7 +94,8 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
 
 def _denoise(view: WanServePipeline, request: GenerationRequest, generator, step_end):
     return view(
-        image=PIL.Image.fromarray(request.image),
+        image=_pil(request.image),  # None: text-to-video (TI2V)
+        last_image=_pil(request.last_frame),
         prompt=request.prompt,
         negative_prompt=request.negative_prompt or None,
         height=request.height,
@@ -107,6 +108,10 @@ def _denoise(view: WanServePipeline, request: GenerationRequest, generator, step
         output_type="latent",
         callback_on_step_end=step_end,
     ).frames
+
+
+def _pil(pixels: np.ndarray | None) -> PIL.Image.Image | None:
+    return None if pixels is None else PIL.Image.fromarray(pixels)
 
 
 def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:

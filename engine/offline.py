@@ -4,8 +4,9 @@
 
 `reqs.json` is a list of dicts of GenerationRequest fields (`width`, `height`, `seed`,
 `guidance_scale`, `lora` (as the API takes it), `sample_solver`, ...; the preset's defaults fill
-the rest) plus `image_seed` for the seeded synthetic input image. Used by the multi-rank equivalence tests and the benchmarks: the same
-code path as the server's ranks, without HTTP.
+the rest) plus `image_seed` for the seeded synthetic first frame (`null`: none, text-to-video)
+and `last_image_seed` for a last frame. Used by the multi-rank equivalence tests and the
+benchmarks: the same code path as the server's ranks, without HTTP.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from engine.adapter_choice import resolve_lora
 from engine.assembly import assemble
 from engine.config import ServerConfig, load_config
 from engine.distributed import broadcast_message, init_distributed, ready_barrier, shutdown
+from engine.features import ModelFeatures
 from engine.request import GenerationRequest
 from engine.startup import resolve_model_path, setup_logging
 
@@ -34,18 +36,26 @@ def synthetic_image(width: int, height: int, seed: int) -> np.ndarray:
     return (rgb * 255).astype(np.uint8)
 
 
-def request_from_spec(job_id: str, spec: dict, cfg: ServerConfig) -> GenerationRequest:
+def request_from_spec(job_id: str, spec: dict, cfg: ServerConfig,
+                      features: ModelFeatures = ModelFeatures()) -> GenerationRequest:
     d = cfg.defaults
     width, height = spec.get("width", 128), spec.get("height", 128)
     guidance = spec.get("guidance_scale", d.guidance_scale)
+    two_experts = features.experts == 2
+
+    def image(seed_key: str, default):
+        seed = spec.get(seed_key, default)
+        return None if seed is None else synthetic_image(width, height, seed)
+
     return GenerationRequest(
         job_id=job_id, prompt=spec.get("prompt", "a lighthouse in a storm"),
         negative_prompt=spec.get("negative_prompt", d.negative_prompt),
-        image=synthetic_image(width, height, spec.get("image_seed", 0)),
+        image=image("image_seed", 0), last_frame=image("last_image_seed", None),
         width=width, height=height, num_frames=spec.get("num_frames", d.num_frames), fps=d.fps,
         num_inference_steps=spec.get("num_inference_steps", d.num_inference_steps),
-        guidance_scale=guidance, guidance_scale_2=spec.get("guidance_scale_2", guidance),
-        boundary_ratio=spec.get("boundary_ratio", d.boundary_ratio),
+        guidance_scale=guidance,
+        guidance_scale_2=spec.get("guidance_scale_2", guidance) if two_experts else None,
+        boundary_ratio=spec.get("boundary_ratio", d.boundary_ratio) if two_experts else None,
         flow_shift=spec.get("flow_shift", d.flow_shift), seed=spec.get("seed", 0),
         sample_solver=spec.get("sample_solver", d.sample_solver),
         lora=resolve_lora(spec.get("lora"), cfg))
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             for index, spec in enumerate(specs):
                 request = None
                 if ctx.is_driver:
-                    request = request_from_spec(f"offline-{round_}-{index}", spec, cfg)
+                    request = request_from_spec(f"offline-{round_}-{index}", spec, cfg,
+                                                model.features)
                 request = broadcast_message(ctx, request)
                 t0 = time.perf_counter()
                 result = run_request(ctx, model, request)

@@ -108,6 +108,7 @@ def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool
                                                            and name in EXPERTS):
             component.to(device)
     if not offload_inactive_expert:
-        return {"device": str(device), "experts": "both resident"}, None
+        return {"device": str(device),
+                "experts": "both resident" if pipe.transformer_2 is not None else "resident"}, None
     return ({"device": str(device), "experts": "one resident, the other in CPU memory"},
             ExpertOffload(pipe, device))

@@ -14,15 +14,17 @@ from engine.distributed import DistContext
 log = logging.getLogger("wanserve.engine")
 
 
-def shard_vae(cfg: ServerConfig, ctx: DistContext) -> bool:
+def shard_vae(cfg: ServerConfig, ctx: DistContext, vae_scale: int) -> bool:
     """Whether the VAE is sharded by rows across the replica's ranks: `parallel.vae` true, or
-    auto and the preset's smallest frame has at least one latent row per rank."""
+    auto and the preset's smallest frame has at least one latent row per rank (`vae_scale`
+    pixels per latent row: 8 for the Wan2.1 VAE, 16 for Wan2.2's)."""
     if ctx.replica_size == 1 or cfg.parallel_vae == "false":
         return False
-    fits = cfg.limits.min_side // 8 >= ctx.replica_size
+    rows = cfg.limits.min_side // vae_scale
+    fits = rows >= ctx.replica_size
     if cfg.parallel_vae == "auto" and not fits and ctx.is_driver:
         log.info("VAE on each replica's leader alone: %d ranks but %d latent rows at the "
-                 "smallest allowed size", ctx.replica_size, cfg.limits.min_side // 8)
+                 "smallest allowed size", ctx.replica_size, rows)
     return cfg.parallel_vae == "true" or fits
 
 
@@ -45,7 +47,7 @@ def start_parallel_runtime(pipe, cfg: ServerConfig, ctx: DistContext, model_path
     ).create_config()
     initialize_runtime_state(pipe, engine_config)
     vae_group = None
-    if shard_vae(cfg, ctx):
+    if shard_vae(cfg, ctx, pipe.vae_scale_factor_spatial):
         # distvae shards the VAE's rows across the replica's ranks (halo exchange per
         # convolution, exact); it replaces the encoder and decoder modules in place, once.
         from distvae.vae import parallel as distvae_parallel

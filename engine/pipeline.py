@@ -1,4 +1,5 @@
-"""Loading the Wan2.2-I2V pipeline with xfuser's wrappers, the same way on every rank."""
+"""Loading a Wan2.2 pipeline (I2V-A14B or TI2V-5B) with xfuser's wrappers, the same way on every
+rank."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
 from engine.sp_padding import WanServeTransformer  # noqa: E402
 from xfuser.model_executor.pipelines.pipeline_wan_i2v import (  # noqa: E402
@@ -27,11 +29,25 @@ log = logging.getLogger("wanserve.engine")
 
 
 class WanServePipeline(xFuserWanImageToVideoPipeline):
-    """xfuser's I2V pipeline, recording how long text and image encoding take (by `clock`,
-    which engine/generate.py sets to one that waits for the device)."""
+    """xfuser's I2V pipeline (its CFG-parallel loop), recording how long text and image encoding
+    take (by `clock`, which engine/generate.py sets to one that waits for the device), and on
+    Wan2.2-TI2V also text-to-video: `image=None`."""
 
     stage_times: dict
     clock = staticmethod(time.perf_counter)
+    text_only = False
+
+    def __call__(self, image=None, **kwargs):
+        """Without `image` (TI2V only) this is diffusers' WanPipeline: every latent frame starts
+        as noise and every token gets the step's timestep (`prepare_latents` below)."""
+        self.text_only = image is None
+        if self.text_only:
+            if not self.config.expand_timesteps:
+                raise ValueError("this image-to-video model needs a first frame")
+            # xfuser's __call__ preprocesses an image before prepare_latents, which reads
+            # none when text_only
+            image = torch.zeros(1, 3, kwargs["height"], kwargs["width"])
+        return super().__call__(image, **kwargs)
 
     def encode_prompt(self, *args, **kwargs):
         start = self.clock()
@@ -42,9 +58,26 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
     def prepare_latents(self, *args, **kwargs):
         """Noise latents and the VAE-encoded condition video."""
         start = self.clock()
-        out = super().prepare_latents(*args, **kwargs)
+        if self.text_only:
+            out = self._text_only_latents(*args, **kwargs)
+        else:
+            out = super().prepare_latents(*args, **kwargs)
         self.stage_times["image_encode"] = self.clock() - start
         return out
+
+    def _text_only_latents(self, image, batch_size, num_channels_latents, height, width,
+                           num_frames, dtype, device, generator, latents=None, last_image=None):
+        """The `expand_timesteps` triple (latents, condition, frame mask) with no frame given:
+        the mask is 1 everywhere, so the loop's `(1 - mask) * condition + mask * latents` is the
+        latents and each token's timestep `mask * t` is t, as in WanPipeline; the same noise
+        draw as WanPipeline.prepare_latents."""
+        frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        shape = (batch_size, num_channels_latents, frames,
+                 height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        no_frame_given = torch.ones((1, 1, *shape[2:]), dtype=dtype, device=device)
+        return latents, torch.zeros_like(latents[:, :, :1]), no_frame_given
 
     def for_request(self, boundary_ratio: float, flow_shift: float,
                     solver: str = "unipc") -> "WanServePipeline":
@@ -78,7 +111,7 @@ SOLVERS = ("unipc", "euler")
 
 def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
                   keep_on_host: tuple[str, ...] = ()) -> tuple[WanServePipeline, dict]:
-    """Load a diffusers-format Wan2.2-I2V checkpoint (the tiny model is one too); returns it and
+    """Load a diffusers-format Wan2.2 checkpoint (the tiny models are too); returns it and
     what was loaded (for /health). The weights go straight from the files to `device` (no
     whole-model copy in host memory per rank), except the components named in `keep_on_host`."""
     start = time.perf_counter()
@@ -106,8 +139,19 @@ def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
     return pipe, {"path": str(model_path), "experts": len(experts), "seconds": round(seconds, 2)}
 
 
-def num_attention_heads(model_path: Path) -> int:
+def _component_config(model_path: Path, component: str) -> dict:
     import json
 
-    with open(Path(model_path) / "transformer" / "config.json") as f:
-        return int(json.load(f)["num_attention_heads"])
+    with open(Path(model_path) / component / "config.json") as f:
+        return json.load(f)
+
+
+def num_attention_heads(model_path: Path) -> int:
+    return int(_component_config(model_path, "transformer")["num_attention_heads"])
+
+
+def size_multiple(model_path: Path) -> int:
+    """Pixels per token side: the VAE's spatial factor times the transformer's patch (16 for
+    A14B, 32 for TI2V-5B). Widths and heights must be multiples of it."""
+    vae = _component_config(model_path, "vae").get("scale_factor_spatial") or 8
+    return int(vae) * int(_component_config(model_path, "transformer")["patch_size"][1])

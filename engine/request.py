@@ -10,25 +10,27 @@ from engine.adapters import AdapterUse
 
 @dataclass
 class GenerationRequest:
-    """Every parameter resolved (no None left but `negative_prompt`), the image already
-    decoded and fitted to (height, width) as HxWx3 uint8."""
+    """Every parameter resolved, the images already decoded and fitted to (height, width) as
+    HxWx3 uint8. None only where the model has no such input: `image` on a text-to-video
+    request (TI2V), `guidance_scale_2` and `boundary_ratio` on a one-expert model."""
 
     job_id: str
     prompt: str
-    image: np.ndarray
+    image: np.ndarray | None  # the first frame
     width: int
     height: int
     num_frames: int
     fps: int
     num_inference_steps: int
     guidance_scale: float
-    guidance_scale_2: float
-    boundary_ratio: float
+    guidance_scale_2: float | None
+    boundary_ratio: float | None
     flow_shift: float
     seed: int
     negative_prompt: str = ""
     sample_solver: str = "unipc"  # engine.pipeline.SOLVERS
     lora: tuple[AdapterUse, ...] = ()  # exactly these adapters, at these scales; () = none
+    last_frame: np.ndarray | None = None  # first+last frame: the video ends on it
 
 
 @dataclass

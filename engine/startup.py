@@ -10,7 +10,7 @@ from engine.config import ServerConfig
 from engine.device import gpu_usable
 from engine.layout import LayoutError
 from engine.model_layouts import RANDOM_PREFIX, RandomModel, parse_random_model
-from engine.pipeline import num_attention_heads
+from engine.pipeline import num_attention_heads, size_multiple
 
 
 def setup_logging(level: str, rank: int) -> None:
@@ -36,7 +36,7 @@ def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
     if cfg.is_tiny:
         from engine.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model()
+        return ensure_tiny_model(name=cfg.model)
     path = Path(cfg.model).expanduser()
     if not (path / "model_index.json").exists():
         raise SystemExit(f"--model {cfg.model}: no diffusers checkpoint there (model_index.json "
@@ -44,14 +44,27 @@ def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
     return path
 
 
+def check_sizes(cfg: ServerConfig, model_path: Path) -> None:
+    """The preset's size rule must give sizes the model can patchify (else diffusers would
+    quietly round them down): SystemExit naming the key to set."""
+    needed, multiple = size_multiple(model_path), cfg.limits.size_multiple
+    if multiple % needed:
+        raise SystemExit(f"{cfg.config_path}: limits.size_multiple is {multiple}, but this "
+                         f"model's widths and heights must be multiples of {needed}; set "
+                         f"limits.size_multiple: {needed}")
+    size = cfg.defaults.size
+    if size and any(int(side) % multiple for side in size.lower().split("x")):
+        raise SystemExit(f"{cfg.config_path}: defaults.size {size} is not in multiples of "
+                         f"{multiple}")
+
+
 def check_layout(cfg: ServerConfig, world_size: int, model_path: Path | RandomModel) -> None:
     """Raise engine.layout.LayoutError with a message a user can act on."""
-    side = cfg.limits.min_side // 16  # VAE /8, patch /2
+    side = cfg.limits.min_side // size_multiple(model_path)  # pixels per token side
     min_tokens = side * side  # one latent frame at the smallest allowed size
     heads = (model_path.layout.num_attention_heads if isinstance(model_path, RandomModel)
              else num_attention_heads(model_path))
     cfg.layout.validate(world_size, heads, min_tokens)
-
 
 
 def check_devices(local_world_size: int) -> None:

@@ -41,7 +41,7 @@ def test_each_offered_size_and_default_is_accepted(path):
         "num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale}),
         image, cfg)
     assert (request.num_frames, request.fps) == (d.num_frames, d.fps)
-    assert caps.limits.max_steps == cfg.limits.max_steps and caps.last_frame is False
+    assert caps.limits.max_steps == cfg.limits.max_steps and caps.last_frame is True
 
 
 def test_sizes_from_the_command_line():

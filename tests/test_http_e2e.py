@@ -141,6 +141,27 @@ def test_input_image_changes_the_output(server):
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.05
 
 
+def test_last_frame_as_a_file_part_or_a_data_url_changes_the_video(server):
+    """checked with: `last_image` not passed (engine/generate.py _denoise): the video is the
+    one without a last frame."""
+    first, last = png_bytes(seed=1), png_bytes(seed=4)
+    plain = decode_frames(video_of(create(server, image=first)))
+    as_part = requests.post(server.url + "/v1/videos", data=BASE, timeout=300, files={
+        "input_reference": ("a.png", first, "image/png"), "last_frame": ("b.png", last, "image/png")})
+    urls = {name: "data:image/png;base64," + base64.b64encode(data).decode()
+            for name, data in (("input_reference", first), ("last_frame", last))}
+    as_url = requests.post(server.url + "/v1/videos", json={**BASE, **urls}, timeout=300)
+    with_last = decode_frames(video_of(as_part))
+    assert np.array_equal(with_last, decode_frames(video_of(as_url)))
+    assert np.abs(plain.astype(int) - with_last.astype(int)).mean() > 0.05
+    resp = requests.post(server.url + "/v1/videos", data=BASE, timeout=30, files={
+        "input_reference": ("a.png", first, "image/png"), "last_frame": ("b.png", b"no", "image/png")})
+    assert resp.status_code == 415 and resp.json()["error"]["param"] == "last_frame"
+    resp = requests.post(server.url + "/v1/videos", timeout=30,
+                         json={**BASE, "last_frame": urls["last_frame"]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input_reference"
+
+
 @pytest.mark.parametrize("fields,param,status", [
     ({"size": "100x64"}, "size", 400),
     ({"width": "96"}, "height", 400),

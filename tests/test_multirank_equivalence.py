@@ -5,8 +5,9 @@ Float frames are compared, before MP4 encoding. Tokens = latent frames ((frames 
 x (height / 16) x (width / 16). The request set has a size whose token count divides by every
 SP degree (128x128x9: 3 x 8 x 8 = 192 tokens), one that divides by none (144 wide, 112 high,
 9 frames: 3 x 7 x 9 = 189 tokens, padded by 1 at SP 2 and by 3 at SP 4, so under U2R2 the
-second ring block holds 93 valid keys of 96), and a request with guidance_scale 1 (no negative
-branch under CFG parallel).
+second ring block holds 93 valid keys of 96), a request with guidance_scale 1 (no negative
+branch under CFG parallel), and the second request again with a last frame (first+last frame:
+diffusers' `last_image`). tests/test_ti2v.py runs the TI2V miniature through the same machinery.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ REQUESTS = [
     {"width": 128, "height": 128, "seed": 1},
     {"width": 144, "height": 112, "seed": 2, "image_seed": 3},
     {"width": 128, "height": 128, "seed": 3, "guidance_scale": 1.0},
+    {"width": 144, "height": 112, "seed": 2, "image_seed": 3, "last_image_seed": 4},
 ]
 # measured at most 1.8e-6 over every layout below (0 with the VAE on rank 0: the VAE's row
 # bands sum in another order); attending to the padded tokens costs 4.6e-4 and more
@@ -71,10 +73,15 @@ def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
 
 
 def test_outputs_are_not_trivial(single_rank):
-    # the comparison above means something only if the videos differ from each other
-    a, b, c = (single_rank[f"frames_{i}"] for i in range(3))
+    """The comparison above means something only if the videos differ from each other, the
+    last frame included. checked with: `last_image` not passed (engine/generate.py _denoise):
+    request 3 equals request 1."""
+    a, b, c, b_last = (single_rank[f"frames_{i}"] for i in range(4))
     assert a.std() > 0.01 and np.abs(a - c).max() > 0.01
-    assert b.shape == (9, 112, 144, 3)
+    assert b.shape == b_last.shape == (9, 112, 144, 3)
+    last_frame_effect = float(np.abs(b_last - b).max())
+    print(f"the last frame changes request 1 by {last_frame_effect:.2e}")
+    assert last_frame_effect > 100 * TOLERANCE  # dropping the last frame gives 0
 
 
 @pytest.mark.parametrize("flags,world_size,message", [

@@ -149,11 +149,12 @@ def test_the_page_needs_no_key_and_asks_for_one(browser, server):
     by_id(browser, "key-submit").click()
     until(browser, form_enabled, what="the key did not work")
     assert not by_id(browser, "key-panel").is_displayed()
-    # the form comes from /v1/models: the preset's sizes and defaults, no last frame, no adapters
+    # the form comes from /v1/models: the preset's sizes and defaults, a last frame (the A14B
+    # miniature takes one), no adapters
     sizes = [o.get_attribute("value") for o in Select(by_id(browser, "size")).options]
     assert sizes == ["", "176x96", "96x176", "128x128", "144x112", "112x144"]
     assert by_id(browser, "num_inference_steps").get_attribute("value") == "4"
-    assert not by_id(browser, "last_frame-field").is_displayed()
+    assert by_id(browser, "last_frame-field").is_displayed()
     assert not by_id(browser, "lora-field").is_displayed()
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "playground-idle.png"))

@@ -19,7 +19,7 @@ def size_choices(cfg: ServerConfig) -> list[str]:
     area = min(cfg.defaults.pixel_area, lim.max_pixels)
     choices = []
     for aspect_w, aspect_h in ASPECTS:
-        width, height = size_for_aspect(aspect_w, aspect_h, area)
+        width, height = size_for_aspect(aspect_w, aspect_h, area, lim.size_multiple)
         fits = (lim.min_side <= min(width, height) and max(width, height) <= lim.max_side
                 and width * height <= lim.max_pixels)
         if fits and f"{width}x{height}" not in choices:

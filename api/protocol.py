@@ -129,7 +129,7 @@ class ModelDefaults(BaseModel):
     fps: int
     num_inference_steps: int
     guidance_scale: float
-    guidance_scale_2: float
+    guidance_scale_2: Optional[float] = None  # one expert: none
     negative_prompt: str
 
 

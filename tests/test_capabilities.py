@@ -12,6 +12,7 @@ from api.capabilities import model_capabilities
 from api.params import parse_params, resolve_request
 from conftest import REPO, png_bytes
 from engine.config import Defaults, Limits, load_config
+from engine.features import ModelFeatures
 
 BASE = load_config([])
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -29,19 +30,22 @@ def preset(path: Path):
 def test_each_offered_size_and_default_is_accepted(path):
     """Checked with: 1280x720 added to the 480p presets' `sizes:` (over their max_pixels)."""
     cfg = preset(path)
-    caps = model_capabilities(cfg)
+    features = (ModelFeatures(experts=1, text_to_video=True, last_frame=False)
+                if "ti2v" in path.stem else ModelFeatures())
+    caps = model_capabilities(cfg, features)
     assert caps.sizes and len(set(caps.sizes)) == len(caps.sizes)
     image = png_bytes(64, 48)
     for size in caps.sizes:
-        request = resolve_request("job", parse_params({"prompt": "x", "size": size}), image, cfg)
+        request = resolve_request("job", parse_params({"prompt": "x", "size": size}), image, cfg,
+                                  features)
         assert f"{request.width}x{request.height}" == size
     d = caps.defaults
     request = resolve_request("job", parse_params({
         "prompt": "x", "num_frames": d.num_frames, "fps": d.fps,
         "num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale}),
-        image, cfg)
+        image, cfg, features)
     assert (request.num_frames, request.fps) == (d.num_frames, d.fps)
-    assert caps.limits.max_steps == cfg.limits.max_steps and caps.last_frame is True
+    assert caps.limits.max_steps == cfg.limits.max_steps and caps.last_frame is features.last_frame
 
 
 def test_sizes_from_the_command_line():

@@ -39,10 +39,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e ".[test,bench]"
 	@touch $@
 
-# Two test files at a time: most of a test's time is a server or torchrun job starting (one
-# core importing torch), so two share the machine's two cores well.
 test: install
-	$(VPY) -m pytest -q -n 2 --dist loadfile
+	$(VPY) -m pytest -q
 
 serve: install
 	./launch.sh

@@ -230,6 +230,10 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         raise InvalidRequest(str(exc), param="lora", code="invalid_lora") from None
     fps = _in_range(p.fps if p.fps is not None else d.fps, "fps", 1, lim.max_fps)
     num_frames = _resolve_frames(p, cfg, fps)
+    if last_frame is not None and num_frames < 5:
+        # the condition video holds the first frame, num_frames - 2 empty ones, the last
+        raise InvalidRequest(f"a video with a `last_frame` needs at least 5 frames, asked for "
+                             f"{num_frames}", param="last_frame", code="invalid_value")
     size = _resolve_size(p, cfg, image)
     guidance_scale = p.guidance_scale if p.guidance_scale is not None else d.guidance_scale
 

@@ -218,14 +218,20 @@ def test_two_nodes_one_replica_each_and_a_dead_replica_restarts_with_its_job(tmp
         assert [r["ranks"] for r in health["replicas"]] == [[0], [1]]
         long = {**SMALL, "num_inference_steps": "40"}
         jobs = [submit(srv, {**long, "seed": str(seed)}).json()["id"] for seed in (1, 2)]
-        for job_id in jobs:
-            wait_first_step(srv, job_id)
-        busy = requests.get(srv.url + "/health", timeout=5).json()["replicas"]
-        assert {r["current_job"] for r in busy} == set(jobs), busy
+        deadline = time.monotonic() + 120
+        while True:  # the job replica 1 runs, once it has run a step
+            busy = requests.get(srv.url + "/health", timeout=5).json()["replicas"]
+            on_1 = busy[1]["current_job"]
+            if on_1 and wait_first_step(srv, on_1) is None:
+                break
+            assert time.monotonic() < deadline, busy
+            time.sleep(0.05)
         os.kill(next(ranks[1] for ranks in where if 1 in ranks), signal.SIGKILL)
         for job_id in jobs:
             done = _poll_across_restarts(nodes, job_id)
-            assert done["status"] == "completed" and done["attempts"] == 2, done
+            assert done["status"] == "completed", done
+            # the job replica 1 ran started again; the other one too if it was still running
+            assert done["attempts"] == 2 if job_id == on_1 else done["attempts"] in (1, 2), done
     finally:
         _stop_all(nodes)
 

@@ -44,10 +44,18 @@ def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
     return path
 
 
-def check_sizes(cfg: ServerConfig, model_path: Path) -> None:
+def _size_multiple(model_path: Path | RandomModel) -> int:
+    if isinstance(model_path, RandomModel):
+        layout = model_path.layout
+        return (int(layout.vae.get("scale_factor_spatial") or 8)
+                * int(layout.transformer["patch_size"][1]))
+    return size_multiple(model_path)
+
+
+def check_sizes(cfg: ServerConfig, model_path: Path | RandomModel) -> None:
     """The preset's size rule must give sizes the model can patchify (else diffusers would
     quietly round them down): SystemExit naming the key to set."""
-    needed, multiple = size_multiple(model_path), cfg.limits.size_multiple
+    needed, multiple = _size_multiple(model_path), cfg.limits.size_multiple
     if multiple % needed:
         raise SystemExit(f"{cfg.config_path}: limits.size_multiple is {multiple}, but this "
                          f"model's widths and heights must be multiples of {needed}; set "
@@ -60,7 +68,7 @@ def check_sizes(cfg: ServerConfig, model_path: Path) -> None:
 
 def check_layout(cfg: ServerConfig, world_size: int, model_path: Path | RandomModel) -> None:
     """Raise engine.layout.LayoutError with a message a user can act on."""
-    side = cfg.limits.min_side // size_multiple(model_path)  # pixels per token side
+    side = cfg.limits.min_side // _size_multiple(model_path)  # pixels per token side
     min_tokens = side * side  # one latent frame at the smallest allowed size
     heads = (model_path.layout.num_attention_heads if isinstance(model_path, RandomModel)
              else num_attention_heads(model_path))

@@ -64,6 +64,10 @@ def consistent(body: dict, multipart: bool, lim: dict) -> dict:
         else:
             fps = float(body.get("fps", lim["fps"]))
             body["seconds"] = min(float(body["seconds"]), lim["max_frames"] / fps)
+    if "last_frame" in body:  # a video ending on a given frame has at least 5 frames
+        body["last_frame"] = body["input_reference"]
+        body.pop("seconds", None)
+        body["num_frames"] = max(5, int(body.get("num_frames") or 5))
     if "extra_params" in body:
         extra = {"seed": body.pop("seed")} if "seed" in body else {}
         body["extra_params"] = json.dumps(extra) if multipart else extra

@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 
-from engine.assembly import assemble
 from engine.config import load_config
 from engine.distributed import (die_with_launcher, env_world, init_distributed, ready_barrier,
                                 shutdown)
@@ -24,20 +23,21 @@ from engine.startup import (check_devices, check_layout, check_sizes, resolve_mo
 log = logging.getLogger("wanserve")
 
 # A rank other than 0 that was told to stop exits by itself if rank 0's Shutdown has not come
-# by then (rank 0 gives its running job 25 s to reach a stopping point).
-STOP_GRACE_S = 40.0
+# this long after rank 0's own wait for its running job (--stop-timeout).
+STOP_MARGIN_S = 15.0
 
 
-def _stop_when_rank_0_says_so(rank: int) -> None:
+def _stop_when_rank_0_says_so(rank: int, stop_timeout_s: float) -> None:
+    grace = stop_timeout_s + STOP_MARGIN_S
+
     def exit_now():
-        log.error("rank %d: no word from rank 0 %gs after the stop signal; exiting", rank,
-                  STOP_GRACE_S)
+        log.error("rank %d: no word from rank 0 %gs after the stop signal; exiting", rank, grace)
         logging.shutdown()
         os._exit(1)
 
     def on_signal(*_):
-        log.info("rank %d: waiting for rank 0 to stop (at most %gs)", rank, STOP_GRACE_S)
-        timer = threading.Timer(STOP_GRACE_S, exit_now)
+        log.info("rank %d: waiting for rank 0 to stop (at most %gs)", rank, grace)
+        timer = threading.Timer(grace, exit_now)
         timer.daemon = True
         timer.start()
 
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             log.error("invalid parallel layout: %s", exc)
         return 2
+    # only now the seconds of importing diffusers and xfuser: a bad flag is refused at once
+    from engine.assembly import assemble
+
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     try:
         if ctx.is_driver:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Stopping is rank 0's call: it finishes or fails the running jobs and sends Shutdown
         # (through each replica's leader), which ends these loops.
-        _stop_when_rank_0_says_so(rank)
+        _stop_when_rank_0_says_so(rank, cfg.stop_timeout_s)
         model = assemble(cfg, ctx, model_path)
         ready_barrier(ctx)
         (leader_loop if ctx.is_leader else worker_loop)(ctx, model)

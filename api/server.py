@@ -62,7 +62,8 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         service.begin_stop()
         for task in ("resume-jobs", "expire-videos"):
             await app.cancel_task(task, raise_exception=False)
-        stopped_cleanly = await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        stopped_cleanly = await asyncio.get_running_loop().run_in_executor(
+            None, engine.stop, cfg.stop_timeout_s)
         service.release_waiters()
 
     @app.after_server_stop

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/real_layout.py [--model wan2.2-i2v-a14b] [--layers 1]
         [--size 128x128 --frames 5 --steps 2] [--out bench-out/real_layout.json]
-    .venv/bin/python benchmarks/real_layout.py --model wan2.2-ti2v-5b --write-only
+    .venv/bin/python benchmarks/real_layout.py --model wan2.2-ti2v-5b [--write-only]
 
 1. Write (once; cached under ~/.cache/wanserve) a diffusers-format checkpoint with the exact
    published configurations of engine/model_layouts.py: the transformer(s), the VAE, the UMT5
@@ -19,8 +19,8 @@
 3. Compare the frames (0-255): U2 against one rank in bf16, and bf16 against float32 on one
    rank. Verdict: sequence parallelism adds no more error than the dtype does.
 
-A layout wanserve does not serve yet (TI2V-5B, see model_layouts.py `pending`) is written and
-checked, and its serving step is reported as pending; --serve-pending tries it anyway.
+TI2V-5B's request carries the image too (its image-to-video path: the image replaces the first
+latent frame, per-token timesteps).
 """
 from __future__ import annotations
 
@@ -203,8 +203,6 @@ def main() -> int:
     p.add_argument("--guidance", type=float, default=3.5)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--write-only", action="store_true", help="write and check the checkpoint")
-    p.add_argument("--serve-pending", action="store_true",
-                   help="serve a layout marked pending too (needs its engine support)")
     p.add_argument("--out", type=Path, default=Path("bench-out/real_layout.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,9 +224,6 @@ def main() -> int:
     if wrong:
         return 1
     if args.write_only:
-        return 0
-    if layout.pending and not args.serve_pending:
-        print(f"serving: pending ({layout.pending})")
         return 0
     width, height = (int(v) for v in args.size.lower().split("x"))
     png = input_png(width, height, 0)

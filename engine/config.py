@@ -101,6 +101,7 @@ class ServerConfig:
     max_queue: int = 16
     max_attempts: int = 3  # starts of one job, across restarts, before it fails
     job_timeout_s: float = 3600.0
+    stop_timeout_s: float = 25.0  # a stop waits this long for the running job's next step
     video_ttl_s: float = 86400.0
     api_key: str | None = None
     collective_timeout_s: float = 300.0
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a job may be started before it fails: a restart runs the jobs it "
                    "interrupted again (default 3)")
     p.add_argument("--job-timeout", type=float, dest="job_timeout_s")
+    p.add_argument("--stop-timeout", type=float, dest="stop_timeout_s",
+                   help="seconds a stop (SIGTERM) waits for a running job to reach its next step "
+                   "before the server exits without it (default 25; more than one step takes)")
     p.add_argument("--video-ttl", type=float, dest="video_ttl_s",
                    help="seconds a completed video stays downloadable (expires_at)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
@@ -246,6 +250,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         max_queue=int(pick("max_queue", 16)),
         max_attempts=max_attempts,
         job_timeout_s=float(pick("job_timeout_s", 3600.0)),
+        stop_timeout_s=float(pick("stop_timeout_s", 25.0)),
         video_ttl_s=float(pick("video_ttl_s", 86400.0)),
         api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,
         collective_timeout_s=float(pick("collective_timeout_s", 300.0)),

@@ -81,7 +81,6 @@ class ModelLayout:
     scheduler: dict  # UniPCMultistepScheduler keyword arguments
     pipeline_config: dict  # boundary_ratio, expand_timesteps
     preset: str  # the configs/ preset that serves the real checkpoint
-    pending: str | None = None  # why wanserve does not serve this layout yet
     layers: dict = field(default_factory=dict)  # what cut() changed: {"transformer": 1, ...}
 
     @property
@@ -130,8 +129,6 @@ WAN22_TI2V_5B = ModelLayout(
     scheduler=_unipc(5.0),
     pipeline_config=dict(boundary_ratio=None, expand_timesteps=True),
     preset="configs/wan2.2-ti2v-5b-720p.yaml",
-    pending="serving Wan2.2-TI2V-5B (one expert, the Wan2.2 VAE, per-token timesteps, "
-            "text-only requests) is issue 19 item 2, not merged yet",
 )
 
 LAYOUTS = {layout.name: layout for layout in (WAN22_I2V_A14B, WAN22_TI2V_5B)}

@@ -137,21 +137,3 @@ def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
     seconds = time.perf_counter() - start
     log.info("loaded %s in %.1fs (%s)", model_path, seconds, dtype)
     return pipe, {"path": str(model_path), "experts": len(experts), "seconds": round(seconds, 2)}
-
-
-def _component_config(model_path: Path, component: str) -> dict:
-    import json
-
-    with open(Path(model_path) / component / "config.json") as f:
-        return json.load(f)
-
-
-def num_attention_heads(model_path: Path) -> int:
-    return int(_component_config(model_path, "transformer")["num_attention_heads"])
-
-
-def size_multiple(model_path: Path) -> int:
-    """Pixels per token side: the VAE's spatial factor times the transformer's patch (16 for
-    A14B, 32 for TI2V-5B). Widths and heights must be multiples of it."""
-    vae = _component_config(model_path, "vae").get("scale_factor_spatial") or 8
-    return int(vae) * int(_component_config(model_path, "transformer")["patch_size"][1])

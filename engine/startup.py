@@ -10,7 +10,7 @@ from engine.config import ServerConfig
 from engine.device import gpu_usable
 from engine.layout import LayoutError
 from engine.model_layouts import RANDOM_PREFIX, RandomModel, parse_random_model
-from engine.pipeline import num_attention_heads, size_multiple
+from engine.checkpoint_config import num_attention_heads, size_multiple
 
 
 def setup_logging(level: str, rank: int) -> None:
@@ -30,8 +30,6 @@ def resolve_model_path(cfg: ServerConfig) -> Path | RandomModel:
             model = parse_random_model(cfg.model)
         except ValueError as exc:
             raise SystemExit(f"--model {cfg.model}: {exc}") from None
-        if model.layout.pending:
-            raise SystemExit(f"--model {cfg.model}: not served yet: {model.layout.pending}")
         return model
     if cfg.is_tiny:
         from engine.tiny_model import ensure_tiny_model

@@ -149,12 +149,12 @@ def ensure_random_model(spec: dict, name: str, cache_dir: Path | None = None) ->
     Several ranks may race here: each builds into a private temporary folder and renames it
     into place; the loser discards its copy. The build is deterministic, so both are equal.
     """
-    from diffusers import WanImageToVideoPipeline, WanPipeline
-
     cache_dir = Path(cache_dir or default_cache_dir())
     target = cache_dir / f"{name}-{spec_digest(spec)}"
     if (target / "model_index.json").exists():
         return target
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
     try:

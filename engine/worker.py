@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable
 
 from engine.adapters import AdapterLoadError
@@ -18,6 +19,9 @@ Progress = Callable[[int, int], None]
 # Test-only: "RANK:STEP" makes that rank's job fail right after that denoising step
 # (tests/test_rank_failure.py), as an out-of-memory on one GPU would.
 _FAIL_AT = os.environ.get("WANSERVE_TEST_FAIL_AT")
+# Test-only: seconds every rank sleeps after each denoising step, so that a test's job is
+# surely still running when it acts on it, without burning the CPU the other ranks need.
+_STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
 
 
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
@@ -37,6 +41,8 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
     def on_step(done: int, total: int) -> bool:
         if _FAIL_AT == f"{ctx.rank}:{done}":
             raise RuntimeError(f"injected failure on rank {ctx.rank} after step {done}")
+        if _STEP_DELAY_S:
+            time.sleep(_STEP_DELAY_S)
         if progress is not None:
             progress(done, total)
         return agreed()

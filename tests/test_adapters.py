@@ -157,9 +157,8 @@ def test_guidance_one_runs_one_forward_per_step(single):
 
 @pytest.mark.parametrize("flags,indices", [
     (("--ulysses", "2"), (0, 1, 5, 6)),
-    (("--ring", "2"), (1, 5)),
     (("--cfg", "2"), (1, 6)),
-], ids=["U2", "R2", "C2"])
+], ids=["U2", "C2"])
 def test_parallel_layout_with_adapters_equals_one_rank(single, files, tmp_path, flags, indices):
     frames, report = run(tmp_path, [REQUESTS[i] for i in indices], 2, *flags, *lora_flags(files))
     for got, index in zip(frames, indices):

@@ -107,9 +107,11 @@ def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
 
 
 def test_a_job_over_the_time_limit_fails_and_frees_the_engine(tmp_path):
-    srv = start_server(tmp_path, "--job-timeout", "1")
+    # 0.1 s a step: the 50-step job surely outlives the limit, QUICK's 2 steps fit well inside
+    srv = start_server(tmp_path, "--job-timeout", "3",
+                       env={"WANSERVE_TEST_STEP_DELAY": "0.1"})
     try:
-        job = submit(srv, SLOW).json()
+        job = submit(srv, {**QUICK, "num_inference_steps": "50"}).json()
         failed = wait_status(srv, job["id"], ("failed",), timeout=30)
         assert failed["error"]["code"] == "job_timeout" and "time limit" in failed["error"]["message"]
         assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"

@@ -44,7 +44,8 @@ def single_rank(tmp_path_factory):
 # one case keeps it on rank 0 alone.
 VAE_ON_RANK_0 = ("--set", "parallel.vae=false")
 # CPU ranks exchange through shared memory by default (engine/cpu/shm_transport.py); one case
-# passes the ring blocks over gloo.
+# passes the ring and Ulysses exchanges over gloo (tests/test_shm_exchange.py compares the two
+# transports directly).
 GLOO_ONLY = ("--set", "cpu.shared_memory=false")
 # Without the CPU test vehicle (engine/cpu/) a CPU server is still exact, only slower.
 NO_CPU_TUNING = ("--set", "cpu.tuning=false")
@@ -56,10 +57,9 @@ NO_CPU_TUNING = ("--set", "cpu.tuning=false")
     (2, ("--cfg", "2")),
     (2, ("--ulysses", "2", *VAE_ON_RANK_0)),
     (4, ("--ulysses", "2", "--cfg", "2")),
-    (4, ("--ulysses", "2", "--ring", "2")),
-    (2, ("--ring", "2", *GLOO_ONLY)),
+    (4, ("--ulysses", "2", "--ring", "2", *GLOO_ONLY)),  # the ring blocks over gloo
     (2, ("--ulysses", "2", *NO_CPU_TUNING)),  # no shared memory either: Ulysses over gloo
-], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2", "R2-gloo", "U2-no-cpu-tuning"])
+], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2-gloo", "U2-no-cpu-tuning"])
 def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
     """checked with: the SP padding mask removed (engine/sp_padding.py
     WanServeTransformer.forward setting neither valid_kv_len nor the ring's valid lengths)."""

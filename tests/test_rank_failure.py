@@ -12,7 +12,7 @@
   the decode checks for a stop before each latent frame; the job waits, queued, for the restart.
   Checked with: the decode's per-frame check removed (the stop waits for the whole decode).
 - SIGTERM while a rank hangs (SIGSTOP) mid-job: rank 0's engine thread never reaches a stopping
-  point, so after its grace time it gives the job back and exits without waiting for it; the
+  point, so after `--stop-timeout` it gives the job back and exits without waiting for it; the
   launcher and every rank are gone within a bound, not at the collective timeout.
   Checked with: `serve` waiting for the thread (no exit before the 120 s timeout).
 """
@@ -34,9 +34,13 @@ SHORT = {"size": "64x64", "num_frames": "5", "num_inference_steps": "6"}
 LONG_DECODE = {"size": "320x320", "num_frames": "49", "num_inference_steps": "2", "seed": "5"}
 
 
+STOP_TIMEOUT_S = 5  # rank 0's wait for the running job's next step (default 25)
+
+
 def _server(tmp_path, data_dir, env=None):
     return start_server(tmp_path, "--ulysses", "2", "--collective-timeout", TIMEOUT_S,
-                        nproc=2, data_dir=data_dir, env=env)
+                        "--stop-timeout", str(STOP_TIMEOUT_S), nproc=2, data_dir=data_dir,
+                        env=env)
 
 
 @pytest.mark.parametrize("failing_rank", [1, 0])
@@ -77,7 +81,7 @@ def test_sigterm_during_a_long_decode_stops_every_rank(tmp_path):
     assert srv.stop() == 0
     stop_s = time.monotonic() - start
     assert stop_s < 0.5 * decode_s, (stop_s, decode_s)
-    _assert_kept_for_the_restart(tmp_path, data_dir, job["id"])
+    _assert_kept_for_the_restart(data_dir, job["id"])
 
 
 def test_sigterm_with_a_hung_rank_still_stops_within_a_bound(tmp_path):
@@ -90,20 +94,30 @@ def test_sigterm_with_a_hung_rank_still_stops_within_a_bound(tmp_path):
         os.kill(ranks[1], signal.SIGSTOP)
         start = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        srv.proc.wait(75)  # rank 0 gives the job 25 s, the collective timeout is 120 s
-        assert time.monotonic() - start < 75
+        # rank 0 gives the job 5 s, the other rank exits 15 s after that; the collective
+        # timeout is 120 s
+        srv.proc.wait(60)
+        assert time.monotonic() - start < 60
     finally:
         for pid in ranks.values():
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         srv.stop()
-    _assert_kept_for_the_restart(tmp_path, data_dir, job["id"])
+    _assert_kept_for_the_restart(data_dir, job["id"])
 
 
-def _assert_kept_for_the_restart(tmp_path, data_dir, job_id: str) -> None:
-    """A restart runs the interrupted job again: it reads queued or running, never failed."""
-    job = _after_a_restart(tmp_path, data_dir, job_id)
-    assert job["status"] in ("queued", "in_progress") and job["error"] is None, job
+def _assert_kept_for_the_restart(data_dir, job_id: str) -> None:
+    """The job store, opened as the next start opens it, gives the job back to run again, its
+    inputs kept (test_restarts.py runs such jobs after real restarts)."""
+    from api.jobs import JobStore
+
+    store = JobStore(data_dir, ttl_s=60)
+    try:
+        assert [job.id for job in store.interrupted] == [job_id]
+        assert store.get(job_id).error_code is None
+        assert store.inputs.load(job_id) is not None
+    finally:
+        store.close()
 
 
 def _after_a_restart(tmp_path, data_dir, job_id: str, *flags: str) -> dict:

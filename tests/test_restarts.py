@@ -33,7 +33,9 @@ from test_jobs_lifecycle import submit, wait_first_step, wait_status
 
 # lossless: the decoded frames are the generated ones, so "the same video" is exact
 SMALL = {"size": "64x64", "num_frames": "5", "quality": "lossless"}
-RUNNING = {**SMALL, "num_inference_steps": "12"}  # long enough to be interrupted mid-run
+RUNNING = {**SMALL, "num_inference_steps": "12"}
+# a second a step: RUNNING is surely still running when it is interrupted (12 steps take 0.1 s)
+PACED = {"WANSERVE_TEST_STEP_DELAY": "1"}
 QUEUED = {**SMALL, "num_inference_steps": "3", "seed": "11"}
 
 
@@ -100,7 +102,7 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     in the stored inputs (api/serving.py create_job storing `fields` as sent): the job sent
     without a seed came back with another video."""
     data_dir = tmp_path / "data"
-    first = start_server(tmp_path, data_dir=data_dir)
+    first = start_server(tmp_path, data_dir=data_dir, env=PACED)
     answer = {}
     try:
         reference = as_json(first, QUEUED, prefer_async=False).json()  # never interrupted
@@ -132,7 +134,7 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     sync_id = next(job_id for job_id in statuses if job_id not in (running["id"], queued["id"]))
     assert sync_id in error["message"]
 
-    second = start_server(tmp_path, data_dir=data_dir)
+    second = start_server(tmp_path, data_dir=data_dir, env=PACED)
     try:
         wait_first_step(second, running["id"])  # it goes first: it was submitted first
         ranks = rank_pids(second.proc.pid)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 
 from engine.config import load_config
-from engine.distributed import (die_with_launcher, env_world, init_distributed, ready_barrier,
-                                shutdown)
+from engine.distributed import (die_with_launcher, env_world, exit_without_teardown,
+                                init_distributed, ready_barrier, shutdown)
 from engine.layout import LayoutError
 from engine.startup import (check_devices, check_layout, check_sizes, resolve_model_path,
                             setup_logging)
@@ -87,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

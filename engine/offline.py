@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -20,7 +19,8 @@ import numpy as np
 from engine.adapter_choice import resolve_lora
 from engine.assembly import assemble
 from engine.config import ServerConfig, load_config
-from engine.distributed import broadcast_message, init_distributed, ready_barrier, shutdown
+from engine.distributed import (broadcast_message, exit_without_teardown, init_distributed,
+                                ready_barrier, shutdown)
 from engine.features import ModelFeatures
 from engine.request import GenerationRequest
 from engine.startup import resolve_model_path, setup_logging
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -210,6 +210,20 @@ def server(tmp_path_factory):
     assert code == 0, f"server exited with {code}:\n{srv.log()[-3000:]}"
 
 
+API_KEY = "wanserve-test-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory):
+    """One single-rank tiny server started with --api-key API_KEY, its steps paced (0.2 s each)
+    so that a client sees every one; started without waiting: wait_ready(keyed_server)."""
+    srv = start_server(tmp_path_factory.mktemp("keyed"), "--api-key", API_KEY,
+                       env={"WANSERVE_TEST_STEP_DELAY": "0.2"}, wait=False)
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"server exited with {code}:\n{srv.log()[-3000:]}"
+
+
 def run_offline(tmp_path: Path, nproc: int, requests: list, *flags: str,
                 pythonpath: str = "") -> tuple[dict, dict]:
     """`engine.offline` under torchrun (no HTTP, the server's engine code): rank 0's float

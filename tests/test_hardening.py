@@ -11,37 +11,37 @@ import openai
 import pytest
 import requests
 
-from conftest import REPO, assert_client_error, png_bytes, raw_request, start_server
+from conftest import (API_KEY, REPO, assert_client_error, png_bytes, raw_request, start_server,
+                      wait_ready)
 from test_jobs_lifecycle import QUICK, submit
 
 
-def test_api_key_guards_v1_routes_but_not_health(tmp_path):
+def test_api_key_guards_v1_routes_but_not_health(keyed_server):
     """checked with (the traversal part): the get_video route made `<video_id:path>` and its
     body `raw((service.store.video_dir / video_id).read_bytes())`, a route that reads a file
     by id: the first target answered 200 with /etc/passwd."""
-    srv = start_server(tmp_path, "--api-key", "s3cret")
-    try:
-        assert requests.get(srv.url + "/health", timeout=5).status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            resp = requests.get(srv.url + "/v1/videos", headers=headers, timeout=5)
-            assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong").videos.list()
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
-        video = client.videos.create(prompt="p", extra_body=QUICK,
-                                     input_reference=("r.png", png_bytes(), "image/png"))
-        assert video.status == "completed"
-        # on the request line as written (requests would send /etc/passwd); enough `../` to
-        # reach / from any --data-dir
-        up = "../" * 16
-        for target in (f"/v1/videos/{up}etc/passwd", f"/v1/videos/{up}etc/passwd/content",
-                       f"/v1/videos/{up.replace('/', '%2f')}etc%2fpasswd/content"):
-            status, _, body = raw_request(srv, "GET", target, {"Authorization": "Bearer s3cret"})
-            assert status in (400, 404), (target, status)
-            assert_client_error(status, body, target)
-            assert b"root:" not in body
-    finally:
-        assert srv.stop() == 0
+    srv = keyed_server
+    wait_ready(srv)
+    assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        resp = requests.get(srv.url + "/v1/videos", headers=headers, timeout=5)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong").videos.list()
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0)
+    video = client.videos.create(prompt="p", extra_body=QUICK,
+                                 input_reference=("r.png", png_bytes(), "image/png"))
+    assert video.status == "completed"
+    # on the request line as written (requests would send /etc/passwd); enough `../` to
+    # reach / from any --data-dir
+    up = "../" * 16
+    for target in (f"/v1/videos/{up}etc/passwd", f"/v1/videos/{up}etc/passwd/content",
+                   f"/v1/videos/{up.replace('/', '%2f')}etc%2fpasswd/content"):
+        status, _, body = raw_request(srv, "GET", target,
+                                      {"Authorization": f"Bearer {API_KEY}"})
+        assert status in (400, 404), (target, status)
+        assert_client_error(status, body, target)
+        assert b"root:" not in body
 
 
 def test_client_that_vanishes_mid_upload_does_not_hurt_the_server(server):

@@ -74,36 +74,37 @@ def test_completed_videos_expire_after_the_ttl(tmp_path):
         assert srv.stop() == 0
 
 
-def test_a_disconnected_synchronous_caller_cancels_its_job(tmp_path):
+def test_a_disconnected_synchronous_caller_cancels_its_job(server):
     """checked with: Engine.cancel made a no-op (engine/engine.py)."""
-    srv = start_server(tmp_path)
-    try:
-        # a connection of our own, closed once the job runs (a client timeout could fire
-        # before the job starts or after it ends)
-        request = requests.Request(
-            "POST", srv.url + "/v1/videos", data={"prompt": "p", **SLOW},
-            files={"input_reference": ("r.png", png_bytes(), "image/png")}).prepare()
-        url = urlsplit(srv.url)
-        caller = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-        caller.request("POST", "/v1/videos", body=request.body, headers=dict(request.headers))
-        deadline = time.monotonic() + 30
-        while not (listing := requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]):
-            assert time.monotonic() < deadline, "the job was never created"
-            time.sleep(0.05)
-        job_id = listing[0]["id"]
-        wait_first_step(srv, job_id)
-        caller.close()  # the caller goes away while its job runs
-        job = wait_status(srv, job_id, ("cancelled",), timeout=15)
-        assert job["error"]["code"] == "client_disconnected"
-        assert_stopped_after_cancel(srv, job_id, ranks=1, total=50)
-        deadline = time.monotonic() + 10
-        while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is not None:
-            assert time.monotonic() < deadline, "the engine kept running the abandoned job"
-            time.sleep(0.05)
-        assert metric(srv, CANCELLED) == 1
-        assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
-    finally:
-        assert srv.stop() == 0
+    srv = server  # shared: other tests' jobs are listed too
+    before = {job["id"] for job in requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]}
+    cancelled = metric(srv, CANCELLED)
+    # a connection of our own, closed once the job runs (a client timeout could fire before
+    # the job starts or after it ends)
+    request = requests.Request(
+        "POST", srv.url + "/v1/videos", data={"prompt": "p", **SLOW},
+        files={"input_reference": ("r.png", png_bytes(), "image/png")}).prepare()
+    url = urlsplit(srv.url)
+    caller = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    caller.request("POST", "/v1/videos", body=request.body, headers=dict(request.headers))
+    deadline = time.monotonic() + 30
+    while not (new := [job["id"] for job in
+                       requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]
+                       if job["id"] not in before]):
+        assert time.monotonic() < deadline, "the job was never created"
+        time.sleep(0.05)
+    (job_id,) = new
+    wait_first_step(srv, job_id)
+    caller.close()  # the caller goes away while its job runs
+    job = wait_status(srv, job_id, ("cancelled",), timeout=15)
+    assert job["error"]["code"] == "client_disconnected"
+    assert_stopped_after_cancel(srv, job_id, ranks=1, total=50)
+    deadline = time.monotonic() + 10
+    while requests.get(srv.url + "/health", timeout=5).json()["current_job"] is not None:
+        assert time.monotonic() < deadline, "the engine kept running the abandoned job"
+        time.sleep(0.05)
+    assert metric(srv, CANCELLED) == cancelled + 1
+    assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
 
 
 def test_a_job_over_the_time_limit_fails_and_frees_the_engine(tmp_path):

@@ -55,11 +55,11 @@ NO_CPU_TUNING = ("--set", "cpu.tuning=false")
     (2, ("--ulysses", "2")),
     (2, ("--ring", "2")),
     (2, ("--cfg", "2")),
-    (2, ("--ulysses", "2", *VAE_ON_RANK_0)),
     (4, ("--ulysses", "2", "--cfg", "2")),
     (4, ("--ulysses", "2", "--ring", "2", *GLOO_ONLY)),  # the ring blocks over gloo
-    (2, ("--ulysses", "2", *NO_CPU_TUNING)),  # no shared memory either: Ulysses over gloo
-], ids=["U2", "R2", "C2", "U2-vae-rank0", "U2C2", "U2R2-gloo", "U2-no-cpu-tuning"])
+    # no shared memory either (Ulysses over gloo), and the VAE on rank 0
+    (2, ("--ulysses", "2", *NO_CPU_TUNING, *VAE_ON_RANK_0)),
+], ids=["U2", "R2", "C2", "U2C2", "U2R2-gloo", "U2-no-cpu-tuning-vae-rank0"])
 def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
     """checked with: the SP padding mask removed (engine/sp_padding.py
     WanServeTransformer.forward setting neither valid_kv_len nor the ring's valid lengths)."""

@@ -18,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from conftest import REPO, assert_stopped_after_cancel, png_bytes, start_server, wait_ready
+from conftest import API_KEY, REPO, assert_stopped_after_cancel, png_bytes, wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -26,7 +26,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--window-size=1280,1000")
 ARTIFACTS = REPO / "tests" / ".artifacts"  # git-ignored; docs/img/ holds the committed copies
-KEY = "playground-key"
+KEY = API_KEY
 JOB_TIMEOUT_S = 150
 
 # every change of the progress bar and the step text, recorded in the page
@@ -56,10 +56,8 @@ video.currentTime = time;
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("playground"), "--api-key", KEY, wait=False)
-    yield srv
-    srv.stop()
+def server(keyed_server):
+    return keyed_server
 
 
 @pytest.fixture(scope="module")

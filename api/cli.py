@@ -74,16 +74,17 @@ def _error_message(body: bytes) -> str:
         return body[:300].decode("utf-8", "replace") or "no message"
 
 
-def multipart(fields: dict[str, str], file_field: str, file_path: Path) -> tuple[bytes, str]:
+def multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
     boundary = "wanserve-" + secrets.token_hex(12)
     parts = []
     for name, value in fields.items():
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                      f"{value}\r\n".encode())
-    ctype = mimetypes.guess_type(file_path.name)[0] or "application/octet-stream"
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
-                 f'filename="{file_path.name}"\r\nContent-Type: {ctype}\r\n\r\n'.encode()
-                 + file_path.read_bytes() + b"\r\n")
+    for file_field, file_path in files.items():
+        ctype = mimetypes.guess_type(file_path.name)[0] or "application/octet-stream"
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+                     f'filename="{file_path.name}"\r\nContent-Type: {ctype}\r\n\r\n'.encode()
+                     + file_path.read_bytes() + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
@@ -122,9 +123,12 @@ def follow_job(client: Client, video_id: str, out) -> dict:
 
 
 def cmd_generate(client: Client, args) -> int:
-    image = Path(args.image)
-    if not image.is_file():
-        raise CLIError(f"no such image: {image}")
+    files = {"input_reference": Path(args.image)}
+    if args.last_frame:
+        files["last_frame"] = Path(args.last_frame)
+    for path in files.values():
+        if not path.is_file():
+            raise CLIError(f"no such image: {path}")
     fields = {"prompt": args.prompt}
     for name, value in (("size", args.size), ("num_frames", args.num_frames),
                         ("num_inference_steps", args.steps), ("seed", args.seed),
@@ -132,7 +136,7 @@ def cmd_generate(client: Client, args) -> int:
                         ("quality", args.quality), ("model", args.model)):
         if value is not None:
             fields[name] = str(value)
-    body, ctype = multipart(fields, "input_reference", image)
+    body, ctype = multipart(fields, files)
     job = client.json("POST", "/v1/videos", body,
                       {"Content-Type": ctype, "Prefer": "respond-async"})
     video_id = job["id"]
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help="make a video from a first frame and a prompt")
     gen.add_argument("image")
     gen.add_argument("prompt")
+    gen.add_argument("--last-frame", metavar="IMAGE",
+                     help="the video's last frame too (first+last frame; models that take one)")
     gen.add_argument("-o", "--output", help="the MP4 to write (default: VIDEO_ID.mp4)")
     gen.add_argument("--size", help="WxH")
     gen.add_argument("--num-frames", type=int)

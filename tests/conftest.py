@@ -100,7 +100,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
                 return
         except (requests.ConnectionError, requests.Timeout):  # not up yet; a loaded machine
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
 

@@ -7,7 +7,7 @@ import sys
 import requests
 
 from conftest import REPO, png_bytes
-from test_http_e2e import stream_info
+from test_http_e2e import decode_frames, stream_info
 from test_jobs_lifecycle import QUICK, submit
 
 
@@ -32,6 +32,27 @@ def test_generate_writes_the_mp4_and_follows_the_steps(server, tmp_path):
     video_id = proc.stdout.split(", ")[1]
     job = requests.get(f"{server.url}/v1/videos/{video_id}", timeout=5).json()
     assert (job["seed"], job["num_inference_steps"], job["status"]) == (4, 3, "completed")
+
+
+def test_generate_sends_a_last_frame(server, tmp_path):
+    """The same request with and without --last-frame: the last frame changes the video.
+    checked with: `files["last_frame"]` not set in cmd_generate (the two videos are equal)."""
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    first.write_bytes(png_bytes(seed=1))
+    last.write_bytes(png_bytes(seed=2))
+    videos = []
+    for extra in ((), ("--last-frame", str(last))):
+        out = tmp_path / f"out{len(videos)}.mp4"
+        proc = cli("generate", str(first), "p", "-o", str(out), "--server", server.url,
+                   "--size", "64x64", "--num-frames", "5", "--steps", "2", "--seed", "3",
+                   "--quality", "lossless", *extra)
+        assert proc.returncode == 0, proc.stderr
+        videos.append(decode_frames(out.read_bytes()))
+    assert videos[0].shape == videos[1].shape == (5, 64, 64, 3)
+    assert (videos[0] != videos[1]).any()
+    missing = cli("generate", str(first), "p", "--server", server.url, "--last-frame",
+                  str(tmp_path / "nope.png"))
+    assert missing.returncode != 0 and "no such image" in missing.stderr
 
 
 def test_list_get_and_delete(server):

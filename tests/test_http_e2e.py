@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import statistics
 import threading
 import time
 
@@ -226,7 +227,13 @@ def test_health_answers_while_a_video_is_generating(server):
     worker.join(300)
     assert seen_busy, "never observed /health during a generation"
     assert result["resp"].status_code == 200
-    assert max(latencies) < 1.0, f"/health took {max(latencies):.3f}s during generation"
+    # answered while the job ran, not after it: a /health that waited on the engine would
+    # take as long as what was left of the job; the cores are shared with the job, so a
+    # single answer may lag
+    job_s = sum(result["resp"].json()["stage_durations"].values())
+    assert statistics.median(latencies) < 0.2, latencies
+    assert max(latencies) < min(2.0, job_s / 2), (
+        f"/health took {max(latencies):.3f}s during a {job_s:.1f}s generation")
 
 
 def test_models_and_health_report_the_engine(server):

@@ -34,8 +34,9 @@ from test_jobs_lifecycle import submit, wait_first_step, wait_status
 # lossless: the decoded frames are the generated ones, so "the same video" is exact
 SMALL = {"size": "64x64", "num_frames": "5", "quality": "lossless"}
 RUNNING = {**SMALL, "num_inference_steps": "12"}
-# a second a step: RUNNING is surely still running when it is interrupted (12 steps take 0.1 s)
-PACED = {"WANSERVE_TEST_STEP_DELAY": "1"}
+# half a second a step: RUNNING is surely still running when it is interrupted (its 12 steps
+# take 0.1 s unpaced)
+PACED = {"WANSERVE_TEST_STEP_DELAY": "0.5"}
 QUEUED = {**SMALL, "num_inference_steps": "3", "seed": "11"}
 
 

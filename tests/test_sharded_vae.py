@@ -22,13 +22,19 @@ SHAPES = [(2, 6, 8), (3, 5, 6), (2, 3, 4)]
 TOLERANCE = 1e-5  # measured at most 2.7e-6 (decode), 7.2e-7 (encode)
 
 
-@pytest.mark.parametrize("transport", ["gloo", "shm"])
-def test_sharded_vae_matches_the_unsharded_vae(transport):
-    """checked with: the CPU causal-conv kernel ignoring its cached frames
-    (engine/cpu/vae_kernels.py with_causal_frames)."""
+@pytest.fixture(scope="module")
+def results():
+    """Both transports in one torchrun job: gloo first, then shared memory switched on."""
     from conftest import torchrun_script
 
-    result = torchrun_script(__file__, 2, transport)
+    return torchrun_script(__file__, 2)
+
+
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_sharded_vae_matches_the_unsharded_vae(results, transport):
+    """checked with: the CPU causal-conv kernel ignoring its cached frames
+    (engine/cpu/vae_kernels.py with_causal_frames)."""
+    result = results[transport]
     assert result["rebound"] > 0
     assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
     assert result["routed"] == (["vae"] if transport == "shm" else [])
@@ -65,25 +71,30 @@ def _check() -> dict:
         distvae_parallel.parallelize_encoder(vae, dist.group.WORLD)
         rebound = use_overlapped_halos(vae)
         attention_blocks = shard_vae_attention(vae)
-        routed = []
-        if sys.argv[1] == "shm":
-            from engine.cpu import shm_transport
+        results = {}
+        for transport in ("gloo", "shm"):
+            routed = []
+            if transport == "shm":
+                from engine.cpu import shm_transport
 
-            routed = shm_transport.enable(60.0, {"vae": dist.group.WORLD})
-        generator = torch.Generator().manual_seed(0)
-        decode_diffs, encode_diffs = [], []
-        with torch.no_grad():
-            for frames, rows, columns in SHAPES:
-                latents = torch.randn(1, 16, frames, rows, columns, generator=generator)
-                video = torch.rand(1, 3, 4 * frames - 3, 8 * rows, 8 * columns,
-                                   generator=generator) * 2 - 1
-                decoded = vae.decode(latents).sample
-                encoded = vae.encode(video).latent_dist.mode()
-                decode_diffs.append((decoded - unsharded.decode(latents).sample).abs().max().item())
-                encode_diffs.append(
-                    (encoded - unsharded.encode(video).latent_dist.mode()).abs().max().item())
-        return {"rebound": rebound, "attention_blocks": attention_blocks, "routed": routed,
-                "decode_diffs": decode_diffs, "encode_diffs": encode_diffs}
+                routed = shm_transport.enable(60.0, {"vae": dist.group.WORLD})
+            generator = torch.Generator().manual_seed(0)
+            decode_diffs, encode_diffs = [], []
+            with torch.no_grad():
+                for frames, rows, columns in SHAPES:
+                    latents = torch.randn(1, 16, frames, rows, columns, generator=generator)
+                    video = torch.rand(1, 3, 4 * frames - 3, 8 * rows, 8 * columns,
+                                       generator=generator) * 2 - 1
+                    decoded = vae.decode(latents).sample
+                    encoded = vae.encode(video).latent_dist.mode()
+                    decode_diffs.append(
+                        (decoded - unsharded.decode(latents).sample).abs().max().item())
+                    encode_diffs.append(
+                        (encoded - unsharded.encode(video).latent_dist.mode()).abs().max().item())
+            results[transport] = {"rebound": rebound, "attention_blocks": attention_blocks,
+                                  "routed": routed, "decode_diffs": decode_diffs,
+                                  "encode_diffs": encode_diffs}
+        return results
     finally:
         dist.destroy_process_group()
 

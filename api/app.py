@@ -16,13 +16,13 @@ from sanic.request.form import parse_multipart_form
 from sanic.response import HTTPResponse, file, json, raw
 
 from api.capabilities import model_capabilities
-from engine.features import ModelFeatures
 from api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from api.events import follow
 from api.openapi import openapi_spec
 from api.serving import VideoService, validate_listing
 from engine.config import ServerConfig
+from engine.features import ModelFeatures
 
 POLL_AFTER_MS = "500"
 POLL_HEADERS = {"openai-poll-after-ms": POLL_AFTER_MS}

@@ -31,8 +31,7 @@ def _stop_when_rank_0_says_so(rank: int, stop_timeout_s: float) -> None:
 
     def exit_now():
         log.error("rank %d: no word from rank 0 %gs after the stop signal; exiting", rank, grace)
-        logging.shutdown()
-        os._exit(1)
+        exit_without_teardown(1)
 
     def on_signal(*_):
         log.info("rank %d: waiting for rank 0 to stop (at most %gs)", rank, grace)

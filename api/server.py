@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Callable
 
 from api.app import create_app
@@ -12,7 +11,7 @@ from api.metrics import Metrics
 from api.resume import resume_interrupted
 from api.serving import VideoService
 from engine.config import ServerConfig
-from engine.distributed import DistContext
+from engine.distributed import DistContext, exit_without_teardown
 from engine.engine import Engine
 
 log = logging.getLogger("wanserve.api")
@@ -78,8 +77,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         # the engine thread is still inside a step (a collective, a long kernel): tearing the
         # process groups down under it could hang; every job is already marked
         log.error("exiting without waiting for the engine thread")
-        logging.shutdown()
-        os._exit(1)
+        exit_without_teardown(1)
     if engine.state == "failed":
         log.error("exiting with an error: %s", engine.error)
         return 1

@@ -191,9 +191,9 @@ def ready_barrier(ctx: DistContext) -> None:
 
 
 def exit_without_teardown(code: int) -> None:
-    """End a rank's process once its work is done, skipping the interpreter's teardown: freeing
-    the modules of torch, diffusers and transformers takes over a second, on every rank, at
-    every stop and restart. Whatever had to reach a file or the log is closed by now."""
+    """End a rank's process now, the log flushed, skipping the interpreter's teardown: freeing
+    the modules of torch, diffusers and transformers takes over a second on every rank, and a
+    rank that must leave a hung thread or collective behind cannot wait for it."""
     import logging
 
     logging.shutdown()

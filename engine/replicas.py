@@ -10,7 +10,6 @@ exactly what rank 0 does in replica 0 (engine/worker.py `run_request`).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -20,7 +19,8 @@ import torch.distributed as dist
 
 from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
-from engine.distributed import DistContext, ReplicaLink, broadcast_message
+from engine.distributed import (DistContext, ReplicaLink, broadcast_message,
+                                exit_without_teardown)
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -151,5 +151,4 @@ def _run(ctx: DistContext, model: ServedModel, link: ReplicaLink,
 def _exit(ctx: DistContext, job_id: str, why: str) -> None:
     log.error("rank %d: job %s: %s; this rank exits so that every rank restarts in a known "
               "state", ctx.rank, job_id, why)
-    logging.shutdown()
-    os._exit(1)
+    exit_without_teardown(1)

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import torch
 
+_TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32,
+    ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
 # Changing any of these changes the cache key, so an old cache is never reused by mistake.
 TINY_SPEC = {
     "version": 1,
     "seed": 20251124,
-    "transformer": dict(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=36,
-        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-    ),
+    "transformer": dict(_TINY_TRANSFORMER, in_channels=36, out_channels=16),
     "vae": dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                 temperal_downsample=[False, True, True]),
     "text_encoder": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -58,11 +60,7 @@ WAN22_LATENTS_STD = [
 TINY_TI2V_SPEC = {
     "version": 1,
     "seed": 20251201,
-    "transformer": dict(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=48,
-        out_channels=48, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-    ),
+    "transformer": dict(_TINY_TRANSFORMER, in_channels=48, out_channels=48),
     "vae": dict(base_dim=16, decoder_base_dim=24, z_dim=48, dim_mult=[1, 2, 4, 4],
                 num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
                 in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4,

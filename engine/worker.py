@@ -8,7 +8,7 @@ from typing import Callable
 
 from engine.adapters import AdapterLoadError
 from engine.assembly import ServedModel
-from engine.distributed import DistContext, agree, broadcast_message
+from engine.distributed import DistContext, agree, broadcast_message, exit_without_teardown
 from engine.generate import generate
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 
@@ -81,8 +81,7 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
         except Exception as exc:
             log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
                       "in a known state", ctx.rank, message.job_id, exc)
-            logging.shutdown()
-            os._exit(1)
+            exit_without_teardown(1)
         end_of_job(ctx, model)
 
 

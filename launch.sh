@@ -89,7 +89,10 @@ signalled=""
 stop_ranks() {
   [ -z "$signalled" ] || return 0
   signalled=$(pgrep -P "$launcher" | sort || true)
-  if [ -n "$signalled" ] && kill -TERM $signalled 2>/dev/null; then return 0; fi
+  local pid sent=""
+  # each on its own: one child already gone must not make the live ranks count as unsignalled
+  for pid in $signalled; do kill -TERM "$pid" 2>/dev/null && sent=1; done
+  [ -z "$sent" ] || return 0
   signalled=torchrun  # no ranks (yet): torchrun stops whatever it started
   kill -TERM "$launcher" 2>/dev/null || true
 }

@@ -47,6 +47,9 @@ class JobInputs:
             return None
         return manifest["fields"], files
 
+    def has(self, job_id: str) -> bool:
+        return (self.root / job_id / MANIFEST).is_file()
+
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
 

@@ -8,7 +8,7 @@ from typing import Callable
 from api.app import create_app
 from api.jobs import JobStore
 from api.metrics import Metrics
-from api.resume import resume_interrupted
+from api.resume import resume_interrupted, settle_interrupted
 from api.serving import VideoService
 from engine.config import ServerConfig
 from engine.distributed import DistContext, exit_without_teardown
@@ -33,8 +33,9 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         loop = asyncio.get_running_loop()
         service.loop = service.events.loop = loop
         service.on_fatal_hook = lambda message: loop.call_soon_threadsafe(stop_once)
+        resumed = settle_interrupted(service)
         engine.start()
-        app.add_task(resume_interrupted(service), name="resume-jobs")
+        app.add_task(resume_interrupted(service, resumed), name="resume-jobs")
         app.add_task(expire_videos(), name="expire-videos")
 
     async def expire_videos():

@@ -105,6 +105,27 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
 
 
+def job_after_a_restart(tmp: Path, data_dir: Path, job_id: str, *flags: str) -> dict:
+    """The job as the first answer of a one-rank server started on `data_dir` gives it: asked
+    as soon as HTTP answers, while the model may still be loading (api/resume.py settles the
+    jobs that cannot run again before that)."""
+    again = start_server(tmp, *flags, data_dir=data_dir, wait=False)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert again.proc.poll() is None, again.log()[-4000:]
+            try:
+                job = requests.get(f"{again.url}/v1/videos/{job_id}", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, again.log()[-4000:]
+                time.sleep(0.05)
+        wait_ready(again)
+        return job
+    finally:
+        assert again.stop() == 0
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of the torchrun workers under launch.sh (RANK in their environment)."""
     pids, frontier = [], [launcher_pid]

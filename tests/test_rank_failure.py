@@ -8,7 +8,8 @@
   (`attempts_exhausted`).
   Checked with: the old worker loop (a failed rank carries on to the end-of-job sync): the
   ranks are out of step and the job hangs until the 120 s timeout; and (attempts) `_request_or_fail`
-  comparing `job.attempts > limit` (api/resume.py): the job ran again.
+  comparing `job.attempts > limit` (api/resume.py): the job ran again; the check made
+  once the engine is ready (its first answer said `queued`).
 - SIGTERM while the VAE decodes stops every rank well before the decode would have finished:
   the decode checks for a stop before each latent frame; the job waits, queued, for the restart.
   Checked with: the decode's per-frame check removed (the stop waits for the whole decode).
@@ -26,7 +27,7 @@ import time
 import pytest
 import requests
 
-from conftest import rank_pids, start_server
+from conftest import job_after_a_restart, rank_pids, start_server
 from test_jobs_lifecycle import submit, wait_status
 
 TIMEOUT_S = "120"
@@ -58,7 +59,7 @@ def test_a_job_failing_on_one_rank_fails_within_seconds(tmp_path, failing_rank):
     if failing_rank == 1:  # rank 0 sees its peer go; the job waits for the restart
         _assert_kept_for_the_restart(data_dir, job["id"])
         return
-    failed = _after_a_restart(tmp_path, data_dir, job["id"], "--max-attempts", "1")
+    failed = job_after_a_restart(tmp_path, data_dir, job["id"], "--max-attempts", "1")
     assert failed["status"] == "failed", failed
     assert failed["error"]["code"] == "attempts_exhausted", failed
     assert "started 1 time(s)" in failed["error"]["message"], failed
@@ -121,15 +122,6 @@ def _assert_kept_for_the_restart(data_dir, job_id: str) -> None:
         assert store.inputs.load(job_id) is not None
     finally:
         store.close()
-
-
-def _after_a_restart(tmp_path, data_dir, job_id: str, *flags: str) -> dict:
-    """The job as a one-rank server started on the same data directory reads it."""
-    again = start_server(tmp_path, *flags, data_dir=data_dir)
-    try:
-        return requests.get(f"{again.url}/v1/videos/{job_id}", timeout=5).json()
-    finally:
-        assert again.stop() == 0
 
 
 def _alive(pid: int) -> bool:

@@ -27,6 +27,7 @@ from engine import xfuser_compat
 from engine.device import gpu_usable
 from engine.group_timeouts import groups_created_with
 from engine.layout import ParallelLayout
+from engine.rank_processes import this_process
 
 
 IDLE_TIMEOUT = timedelta(days=30)
@@ -56,6 +57,7 @@ class DistContext:
     world_control: object = None  # every rank, long timeout: the ready barrier
     replica_group: object = None  # this replica's, on the compute backend (the sharded VAE)
     links: tuple[ReplicaLink, ...] = ()  # rank 0: one per other replica; their leader: its own
+    processes: tuple[tuple[str, int], ...] = ()  # (host, pid) of every rank, from the ready barrier
 
     @property
     def is_driver(self) -> bool:
@@ -185,9 +187,9 @@ def gather_to_all(ctx: DistContext, value) -> list:
 
 
 def ready_barrier(ctx: DistContext) -> None:
-    """All ranks of every replica have loaded the model (long timeout: loading takes long)."""
-    if ctx.world_size > 1:
-        dist.barrier(group=ctx.world_control)
+    """All ranks of every replica have loaded the model (long timeout: loading takes long); on
+    the way every rank learns where the others run (engine/rank_processes.py)."""
+    ctx.processes = tuple(gather_to_all(ctx, this_process()))
 
 
 def exit_without_teardown(code: int) -> None:

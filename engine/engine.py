@@ -21,6 +21,7 @@ from engine.assembly import ServedModel
 from engine.distributed import DistContext, broadcast_message, ready_barrier
 from engine.replicas import RemoteReplica, ReplicaFailed, ReplicaLost
 from engine.features import ModelFeatures
+from engine.rank_processes import dead_peers
 from engine.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from engine.worker import end_of_job, run_request
 
@@ -181,6 +182,12 @@ class Engine:
                 replica.state = "failed"
                 return
 
+    def _naming_dead_peers(self, reason: str) -> str:
+        dead = dead_peers(self.ctx.processes, self.ctx.rank)
+        if dead:
+            log.error("%s", dead)
+        return f"{reason} ({dead})" if dead else reason
+
     def _execute(self, replica: Replica, model: ServedModel, request: GenerationRequest,
                  progress, cancelled) -> GenerationResult:
         remote = self._remote.get(replica.index)
@@ -218,17 +225,17 @@ class Engine:
                                    "lora_load_failed")
         except ReplicaLost as exc:
             log.error("job %s: %s", job_id, exc)
-            self._events.on_failed(job_id, f"a rank died or stopped responding: {exc}",
-                                   "engine_failure")
-            self._fail(f"a rank died or stopped responding: {exc}")
+            reason = self._naming_dead_peers(f"a rank died or stopped responding: {exc}")
+            self._events.on_failed(job_id, reason, "engine_failure")
+            self._fail(reason)
             return False
         except Exception as exc:
             log.exception("job %s failed on replica %d", job_id, replica.index)
             fatal = exc.fatal if isinstance(exc, ReplicaFailed) else self.ctx.replica_size > 1
+            reason = str(exc) if isinstance(exc, ReplicaFailed) else f"generation failed: {exc}"
             # `engine_failure`: the engine goes down under the job (the service keeps it for
             # the next start)
-            self._events.on_failed(job_id, f"generation failed: {exc}"
-                                   if not isinstance(exc, ReplicaFailed) else str(exc),
+            self._events.on_failed(job_id, self._naming_dead_peers(reason) if fatal else reason,
                                    "engine_failure" if fatal else "generation_failed")
             if fatal:
                 # the replica's other ranks may be inside a collective of this job, and on

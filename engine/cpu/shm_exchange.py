@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.rank_processes import process_dead
+
 SHM_DIR = "/dev/shm"
 SEQ_BYTES = 64  # the sequence number, alone on its cache line
 MARK_AT = 8  # where, after the sequence number, each rank marks its file (`_sees_peers`)
@@ -49,20 +51,6 @@ class ShmExchangeError(RuntimeError):
 def supported() -> bool:
     return (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
             and os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK))
-
-
-def _process_dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: exited, not reaped
-    except (OSError, IndexError):
-        return False
 
 
 class ShmChannel:
@@ -121,7 +109,7 @@ class ShmChannel:
                 pause = min(max(pause * 2, 20e-6), 1e-3)
             if now - last_check > LIVENESS_EVERY_S:
                 last_check = now
-                if _process_dead(self.pids[k]):
+                if process_dead(self.pids[k]):
                     raise ShmExchangeError(f"shared-memory exchange: peer rank (pid "
                                            f"{self.pids[k]}) died")
                 if now - start > self.timeout_s:

@@ -87,6 +87,7 @@ launcher=$!
 # gone) and kill it mid-exit.
 signalled=""
 stop_ranks() {
+  trap '' TERM INT  # the stop is under way; more signals would only interrupt it
   [ -z "$signalled" ] || return 0
   signalled=$(pgrep -P "$launcher" | sort || true)
   local pid sent=""
@@ -112,7 +113,10 @@ while [ -z "$status" ]; do
     if running; then sleep 0.2; else wait "$launcher" && status=0 || status=$?; fi
   else
     wait "$launcher" && status=0 || status=$?
-    if running; then status=""; fi  # `wait` ended early for a trapped signal
   fi
+  # `wait` ends early for a trapped signal (status 143 or 130): until torchrun has ended, and
+  # then once more for its own status (bash keeps it), or a signal repeated just as torchrun
+  # exits would make the launcher's exit code the signal's
+  if running; then status=""; elif [ -n "$status" ]; then wait "$launcher" && status=0 || status=$?; fi
 done
 exit "$status"

@@ -83,12 +83,11 @@ launcher=$!
 
 # SIGTERM/SIGINT go to the ranks, not to torchrun: rank 0 drains and tells the others to
 # stop, every rank exits 0, and torchrun with them. torchrun escalates on its own if not.
-# Once: a second signal would reach a rank while Python tears it down (when its handlers are
-# gone) and kill it mid-exit.
+# Once: the first signal makes launch.sh ignore the rest. A second one would reach a rank while
+# Python tears it down (its handlers gone) and kill it mid-exit.
 signalled=""
 stop_ranks() {
-  trap '' TERM INT  # the stop is under way; more signals would only interrupt it
-  [ -z "$signalled" ] || return 0
+  trap '' TERM INT
   signalled=$(pgrep -P "$launcher" | sort || true)
   local pid sent=""
   # each on its own: one child already gone must not make the live ranks count as unsignalled
@@ -98,7 +97,8 @@ stop_ranks() {
   kill -TERM "$launcher" 2>/dev/null || true
 }
 trap stop_ranks TERM INT
-running() { ps -o stat= -p "$launcher" 2>/dev/null | grep -q '^[^Z]'; }
+# still our child and not a zombie (a reaped pid may be reused by another process)
+running() { ps -o ppid=,stat= -p "$launcher" 2>/dev/null | awk -v me=$$ '$1 == me && $2 !~ /^Z/ {alive=1} END {exit !alive}'; }
 # With --max-restarts, a rank that exits non-zero while stopping would have torchrun start the
 # group again: a rank we did not signal is such a new one, and torchrun itself is stopped then
 # (it stops its ranks and does not restart them).
@@ -106,17 +106,15 @@ started_again() {
   [ "$restarts" != 0 ] && [ -n "$signalled" ] && [ "$signalled" != torchrun ] &&
     pgrep -P "$launcher" | sort | comm -13 <(echo "$signalled") - | grep -q .
 }
-status=""
-while [ -z "$status" ]; do
+# `wait` also ends when the trap runs: until torchrun has ended, then its own status (bash keeps
+# it), never the signal's
+while running; do
   if [ "$restarts" != 0 ] && [ -n "$signalled" ]; then
     if started_again; then kill -TERM "$launcher" 2>/dev/null || true; signalled=torchrun; fi
-    if running; then sleep 0.2; else wait "$launcher" && status=0 || status=$?; fi
+    sleep 0.2
   else
-    wait "$launcher" && status=0 || status=$?
+    wait "$launcher" || true
   fi
-  # `wait` ends early for a trapped signal (status 143 or 130): until torchrun has ended, and
-  # then once more for its own status (bash keeps it), or a signal repeated just as torchrun
-  # exits would make the launcher's exit code the signal's
-  if running; then status=""; elif [ -n "$status" ]; then wait "$launcher" && status=0 || status=$?; fi
 done
+wait "$launcher" && status=0 || status=$?
 exit "$status"

@@ -39,8 +39,9 @@ def dead_peers(processes: tuple[tuple[str, int], ...], my_rank: int,
     local = [(rank, pid) for rank, (where, pid) in enumerate(processes)
              if where == host and rank != my_rank]
     deadline = time.monotonic() + wait_s
-    while True:
+    while local:
         dead = [f"rank {rank} (pid {pid}) died" for rank, pid in local if process_dead(pid)]
-        if dead or time.monotonic() >= deadline or not local:
+        if dead or time.monotonic() >= deadline:
             return ", ".join(dead)
         time.sleep(0.05)
+    return ""

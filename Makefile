@@ -1,10 +1,15 @@
-# `make install` prepares .venv (idempotent); `make test` installs if needed, then runs the suite.
+# `make install` prepares .venv from requirements.lock (idempotent); `make test` installs if needed,
+# then runs the suite; `make lock` upgrades the lock.
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
+PIP_VERSION := 26.3
+LOCK := requirements.lock
+LOCK_VENV := .lock-venv
+PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install browser test serve bench reliability flash-attn clean
+.PHONY: install lock browser test serve bench reliability flash-attn clean
 
 install: $(VENV)/.installed browser
 
@@ -22,10 +27,13 @@ browser:
 	  fi; \
 	fi
 
-# A machine whose python3 already has torch (a GPU box with its CUDA build) keeps it:
-# the venv then sees the system site-packages. Elsewhere torch==$(TORCH_VERSION) (CPU) is
-# installed before anything else, so no dependency can float it to a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every dependency but torch (and triton, which comes with a torch
+# build): `make install` takes exactly what the suite last passed on. A machine whose python3
+# already has torch (a GPU box with its CUDA build) keeps it: the venv then sees the system
+# site-packages, and what the system already has is left alone (tools/lock.py
+# system-constraints). Elsewhere torch==$(TORCH_VERSION) (CPU) is installed first, so no
+# dependency can float it to a CUDA build.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	@if [ ! -x $(VPY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "wanserve: using the system torch ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
@@ -34,12 +42,32 @@ $(VENV)/.installed: pyproject.toml
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
 	fi
-	$(VPY) -m pip install -q --upgrade pip
-	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VPY) -m pip install -q -e ".[test,bench]"
+	$(VPY) -m pip install -q pip==$(PIP_VERSION)
+	@if grep -q "^include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
+	  $(PYTHON) tools/lock.py system-constraints $(LOCK) > $(VENV)/constraints.txt; \
+	else \
+	  cp $(LOCK) $(VENV)/constraints.txt; \
+	  $(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==$(TORCH_VERSION) -c $(VENV)/constraints.txt; \
+	fi
+	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,bench]"
+	$(VPY) -m pip check
 	@touch $@
 
+# Upgrade every dependency to the newest that pyproject.toml's ranges allow, then run the suite
+# (README, "Development"). pip-compile runs from a venv of its own, with torch held at the CPU
+# build the suite runs on; tools/lock.py then drops torch and triton from the lock.
+lock:
+	@[ -x $(LOCK_VENV)/bin/pip-compile ] || { $(PYTHON) -m venv $(LOCK_VENV) && \
+	  $(LOCK_VENV)/bin/pip install -q pip==$(PIP_VERSION) $(PIP_TOOLS); }
+	@echo "torch==$(TORCH_VERSION)" > $(LOCK_VENV)/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --extra test --extra bench \
+	  --no-emit-index-url --no-emit-find-links --constraint $(LOCK_VENV)/torch.txt \
+	  --output-file $(LOCK) pyproject.toml
+	$(PYTHON) tools/lock.py strip $(LOCK)
+	$(LOCK_VENV)/bin/python tools/lock.py check $(LOCK)
+
 test: install
+	$(VPY) -m pip check
 	$(VPY) -m pytest -q
 
 serve: install
@@ -67,4 +95,4 @@ flash-attn: install
 	$(VPY) -c "from xfuser.envs import PACKAGES_CHECKER as p; print('xfuser sees flash-attn 2:', p.get_packages_info()['has_flash_attn'])"
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) *.egg-info

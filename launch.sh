@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
       flag="$1" value="$2"; shift 2 ;;
     --nproc=*|--nnodes=*|--node-rank=*|--master-addr=*|--master-port=*|--rdzv-endpoint=*|--rdzv-id=*|--max-restarts=*)
       flag="${1%%=*}" value="${1#*=}"; shift ;;
-    -h|--help) exec .venv/bin/python -m api.main --help ;;
+    -h|--help) exec .venv/bin/python -m wanserve.api.main --help ;;
     *) args+=("$1"); shift; continue ;;
   esac
   case "$flag" in
@@ -47,7 +47,7 @@ done
 if [ -z "$nproc" ]; then
   # the layout's world size, on one node; with several, say --nproc (ranks per node)
   [ "$nnodes" = 1 ] || { echo "launch.sh: with --nnodes, give --nproc (ranks per node)" >&2; exit 2; }
-  nproc=$(.venv/bin/python -m engine.config "${args[@]+"${args[@]}"}")
+  nproc=$(.venv/bin/python -m wanserve.engine.config "${args[@]+"${args[@]}"}")
 fi
 
 # How the ranks find each other. One node: a rendezvous of its own. Several: torchrun's c10d
@@ -78,7 +78,7 @@ if [ "$restarts" != 0 ]; then
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 fi
 .venv/bin/torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" --max-restarts "$restarts" \
-  --no-python .venv/bin/python -m api.main "${args[@]+"${args[@]}"}" &
+  --no-python .venv/bin/python -m wanserve.api.main "${args[@]+"${args[@]}"}" &
 launcher=$!
 
 # SIGTERM/SIGINT go to the ranks, not to torchrun: rank 0 drains and tells the others to

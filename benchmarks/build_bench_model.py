@@ -16,12 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# engine.tiny_model imports torch: it is imported inside the functions, so the benchmark
+# wanserve.engine.model.tiny_model imports torch: it is imported inside the functions, so the benchmark
 # drivers can import bench_model_path() without loading torch themselves.
 
 
 def bench_spec() -> dict:
-    from engine.tiny_model import TINY_SPEC
+    from wanserve.engine.model.tiny_model import TINY_SPEC
 
     spec = copy.deepcopy(TINY_SPEC)
     spec["name"] = "bench-wide"
@@ -32,7 +32,7 @@ def bench_spec() -> dict:
 
 def ensure_bench_model(cache_dir: Path | None = None) -> Path:
     """The bench model's folder, built on first use (the tiny model's builder, wider spec)."""
-    from engine.tiny_model import ensure_random_model
+    from wanserve.engine.model.tiny_model import ensure_random_model
 
     return ensure_random_model(bench_spec(), "bench-wide", cache_dir)
 

@@ -3,15 +3,15 @@
     .venv/bin/python benchmarks/cpu_components.py [--rounds 2] [--iters 8]
 
 Per round, one `torchrun` job each for one rank and Ulysses 2. Each job builds the engine's own
-model (engine.assembly.assemble) and times, one thread per rank:
+model (wanserve.engine.assembly.assemble) and times, one thread per rank:
 
 - a transformer forward at 256x256, 17 frames (1280 tokens), alternating a prompt it has seen
   (cross-attention keys/values remembered) with a fresh copy (recomputed): median wall s, and
   rank 0's CPU s per forward (getrusage of its thread; wall minus CPU is time blocked, except
   that a rank waiting on shared memory first spins for ~1 ms, which counts as CPU);
 - the VAE decode and encode of the same video: on two ranks both with the overlapped halo
-  exchange (engine/cpu/sharded_conv.py) and with distvae 0.1.0's own convolutions; on one rank
-  both with engine/cpu/vae_kernels.py and with torch's default CPU kernels.
+  exchange (wanserve/engine/cpu/sharded_conv.py) and with distvae 0.1.0's own convolutions; on one rank
+  both with wanserve/engine/cpu/vae_kernels.py and with torch's default CPU kernels.
 
 Ratios are read within one round: the machine's speed drifts between jobs.
 """
@@ -49,7 +49,7 @@ def _timed(fn, iters: int) -> tuple[float, float]:
 
 
 def _overlapped_halos(vae, on: bool) -> None:
-    from engine.cpu.sharded_conv import use_overlapped_halos
+    from wanserve.engine.cpu.sharded_conv import use_overlapped_halos
 
     for module in vae.modules():
         if type(module).__name__ in ("WanCausalConv3dAdapter", "Conv2dAdapter"):
@@ -68,10 +68,10 @@ def _undo_fast_cpu_kernels(vae) -> None:
 def worker(argv: list[str], iters: int) -> dict:
     import torch
 
-    from engine.assembly import assemble
-    from engine.config import load_config
-    from engine.distributed import init_distributed, shutdown
-    from engine.startup import resolve_model_path
+    from wanserve.engine.assembly import assemble
+    from wanserve.engine.config import load_config
+    from wanserve.engine.parallel.distributed import init_distributed, shutdown
+    from wanserve.engine.startup import resolve_model_path
 
     cfg = load_config(argv)
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)

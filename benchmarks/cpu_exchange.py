@@ -1,4 +1,4 @@
-"""The CPU ranks' exchanges over gloo against shared memory (kernels/shm_exchange.py).
+"""The CPU ranks' exchanges over gloo against shared memory (wanserve/kernels/shm_exchange.py).
 
     .venv/bin/python benchmarks/cpu_exchange.py [--iters 200]    # ~15 s, 2 ranks, one core each
 
@@ -27,7 +27,7 @@ def measure(iters: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.cpu import shm_exchange
+    from wanserve.engine.cpu import shm_exchange
 
     dist.init_process_group("gloo")
     channel = shm_exchange.open_channel(dist.group.WORLD, 16 << 20, 60.0)

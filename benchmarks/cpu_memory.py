@@ -1,4 +1,4 @@
-"""What keeping freed memory in the process (engine/cpu_memory.py) costs and saves on one rank.
+"""What keeping freed memory in the process (wanserve/engine/cpu_memory.py) costs and saves on one rank.
 
     .venv/bin/python benchmarks/cpu_memory.py [--config configs/tiny.yaml] [--repeat 4]
 
@@ -50,12 +50,12 @@ def status_mib(field: str) -> int:
 
 
 def child(argv: list[str], repeat: int) -> dict:
-    from engine.assembly import assemble
-    from engine.config import load_config
-    from engine.distributed import init_distributed, shutdown
-    from engine.generate import generate
-    from engine.offline import request_from_spec
-    from engine.startup import resolve_model_path
+    from wanserve.engine.assembly import assemble
+    from wanserve.engine.config import load_config
+    from wanserve.engine.parallel.distributed import init_distributed, shutdown
+    from wanserve.engine.serving.generate import generate
+    from wanserve.engine.serving.offline import request_from_spec
+    from wanserve.engine.startup import resolve_model_path
 
     cfg = load_config(argv)
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)

@@ -6,7 +6,7 @@ encode and decode times, peak memory per rank and MFU, in one run of at most --b
 
 1. The bf16 matmul peak (8192^3, median of 10) measured in this process on the device.
 2. The attention backends found: each of flash-attn 3, cuDNN, flash-attn 2 and torch SDPA that
-   kernels.attention.select_backend would run here (the others are listed with the reason).
+   wanserve.kernels.attention.select_backend would run here (the others are listed with the reason).
 3. Per backend, one server: ./launch.sh --config configs/wan2.2-i2v-a14b-480p.yaml --model
    random:wan2.2-i2v-a14b --attention-backend NAME. The weights are random bf16, built on the
    GPU (no checkpoint, no disk), through the real assembly, xfuser's pipeline and the HTTP
@@ -46,7 +46,7 @@ from latency_scaling import GpuMemoryPoller  # noqa: E402
 from serving_overhead import bench_server, input_png  # noqa: E402  (the suite's harness)
 from conftest import rank_pids  # noqa: E402  (on the path through serving_overhead)
 
-from engine.model_layouts import WAN22_I2V_A14B  # noqa: E402
+from wanserve.engine.model.model_layouts import WAN22_I2V_A14B  # noqa: E402
 
 PRESET = REPO / "configs" / "wan2.2-i2v-a14b-480p.yaml"
 BACKENDS_ON_CUDA = ("flash-attn-3", "cudnn", "flash-attn-2", "sdpa")
@@ -95,7 +95,7 @@ def backends_found(device) -> tuple[list[str], dict]:
     """The backends select_backend would run here in bf16, and why each other one would not."""
     import torch
 
-    from kernels.attention import select_backend
+    from wanserve.kernels.attention import select_backend
 
     if device.type != "cuda":
         return ["cpu-flash"], {}

@@ -2,10 +2,10 @@
 one whole request with the distilled preset's settings against the 40-step CFG one.
 
     .venv/bin/python benchmarks/lora_overhead.py [--config configs/bench-cpu.yaml]
-        [--rank 64] [--repeat 3] [--rounds 2] [--no-distilled] [engine.offline flags ...]
+        [--rank 64] [--repeat 3] [--rounds 2] [--no-distilled] [wanserve.engine.serving.offline flags ...]
 
 A seeded rank-`--rank` LoRA on every attention and FFN projection of both experts (diffusers
-format) is written to a temporary folder. Per variant, one single-rank `engine.offline` runs
+format) is written to a temporary folder. Per variant, one single-rank `wanserve.engine.serving.offline` runs
 the same request --repeat times (the first is a warm-up); the variants take turns within each
 round. Prints the median and the fastest `step_mean` of each and their ratios to base (goal:
 unfused <= 1.10x, fused 1.00x; printed, not asserted); on a shared machine the fastest is the
@@ -53,12 +53,12 @@ def write_lora(model: Path, rank: int, path: Path) -> None:
 
 
 def run(tmp: Path, name: str, flags: list[str], requests_: list[dict], repeat: int) -> list[dict]:
-    """The runs of `requests_` (--repeat times over) in one engine.offline, less the first."""
+    """The runs of `requests_` (--repeat times over) in one wanserve.engine.serving.offline, less the first."""
     requests = tmp / f"{name}.json"
     requests.write_text(json.dumps(requests_))
     out = tmp / f"{name}.npz"
     cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "1", "-m",
-           "engine.offline", "--requests", str(requests), "--out", str(out),
+           "wanserve.engine.serving.offline", "--requests", str(requests), "--out", str(out),
            "--repeat", str(repeat), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -129,7 +129,7 @@ def main() -> int:
     flags = ["--config", str(args.config), *model_flags(args.config, args.model), *rest]
     model = Path(flags[flags.index("--model") + 1]) if "--model" in flags else None
     if model is None or model.name == "tiny" or not model.is_dir():
-        from engine.tiny_model import ensure_tiny_model
+        from wanserve.engine.model.tiny_model import ensure_tiny_model
 
         model = ensure_tiny_model()
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/parallel_efficiency.py [--layouts 1,U2,R2,C2] [--repeat 3]
 
-Per layout, one `torchrun --nproc-per-node N -m engine.offline` with OMP_NUM_THREADS=1 (one
+Per layout, one `torchrun --nproc-per-node N -m wanserve.engine.serving.offline` with OMP_NUM_THREADS=1 (one
 thread per rank) runs the same request --repeat times; the first run is a warm-up. That is
 done --rounds times, the layouts taking turns within each round, so a drift of the machine's
 speed touches every layout alike. Reports the median whole-request `wall`, the median of each
 stage, and efficiency T(1) / (N * T(N)) for each. Any other flag (e.g. --set
-defaults.num_frames=5) goes to engine.offline. Goal: efficiency >= 0.90 (printed as PASS/MISS,
+defaults.num_frames=5) goes to wanserve.engine.serving.offline. Goal: efficiency >= 0.90 (printed as PASS/MISS,
 not asserted).
 """
 from __future__ import annotations
@@ -63,13 +63,13 @@ def run_layout(layout: Layout, args: argparse.Namespace, passthrough: list[str],
                tmp: Path) -> list[dict]:
     out = tmp / f"out-{layout.name}.npz"
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(layout.nproc),
-           "-m", "engine.offline", "--requests", str(tmp / "reqs.json"), "--out", str(out),
+           "-m", "wanserve.engine.serving.offline", "--requests", str(tmp / "reqs.json"), "--out", str(out),
            "--repeat", str(args.repeat), "--config", str(args.config), *layout.flags(),
            *passthrough]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{layout.name}: engine.offline failed ({proc.returncode}):\n"
+        raise SystemExit(f"{layout.name}: wanserve.engine.serving.offline failed ({proc.returncode}):\n"
                          f"{proc.stderr[-3000:]}")
     runs = json.loads(Path(f"{out}.json").read_text())["runs"]
     return [run for run in runs if run["round"] >= 1]  # round 0 is the warm-up

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/real_layout.py --model wan2.2-ti2v-5b [--write-only]
 
 1. Write (once; cached under ~/.cache/wanserve) a diffusers-format checkpoint with the exact
-   published configurations of engine/model_layouts.py: the transformer(s), the VAE, the UMT5
+   published configurations of wanserve/engine/model/model_layouts.py: the transformer(s), the VAE, the UMT5
    text encoder, the tokenizer class, the scheduler, model_index. Only the layer counts are cut
    (--layers N: N blocks per expert, N text-encoder layers); the weights are random bf16 (the
    VAE float32, as published), the tokenizer's vocabulary a stand-in. Every config.json is then
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_overhead import bench_server, input_png  # noqa: E402  (the suite's harness)
 
-from engine.model_layouts import LAYOUTS, ModelLayout  # noqa: E402
+from wanserve.engine.model.model_layouts import LAYOUTS, ModelLayout  # noqa: E402
 
 PROMPT = "a lighthouse in a storm"
 RUNS = (("1 rank, bf16", 1, ["--dtype", "bfloat16"]),
@@ -58,8 +58,8 @@ CONFIGS = {"transformer": "transformer/config.json", "vae": "vae/config.json",
 
 
 def checkpoint_dir(layout: ModelLayout) -> Path:
-    from engine.random_weights import WEIGHTS_VERSION
-    from engine.tiny_model import default_cache_dir
+    from wanserve.engine.model.random_weights import WEIGHTS_VERSION
+    from wanserve.engine.model.tiny_model import default_cache_dir
 
     data = json.dumps([dataclasses.asdict(layout), WEIGHTS_VERSION], sort_keys=True, default=str)
     digest = hashlib.sha256(data.encode()).hexdigest()[:12]
@@ -71,7 +71,7 @@ def write_checkpoint(layout: ModelLayout, target: Path) -> None:
     import diffusers
     import torch
 
-    from engine.random_weights import build_components
+    from wanserve.engine.model.random_weights import build_components
 
     parts = build_components(layout, torch.bfloat16, torch.device("cpu"), keep_in_fp32=False)
     pipe = getattr(diffusers, layout.pipeline)(**parts, **layout.pipeline_config)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_bench_model import model_flags  # noqa: E402
 from gpu_served import forward_flops, video_tokens  # noqa: E402
 from serving_overhead import bench_server  # noqa: E402
-from engine.model_layouts import WAN22_I2V_A14B  # noqa: E402  (on the path through gpu_served)
+from wanserve.engine.model.model_layouts import WAN22_I2V_A14B  # noqa: E402  (on the path through gpu_served)
 from conftest import png_bytes  # noqa: E402  (on the path through serving_overhead)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@
 
 (a) HTTP: a one-rank server started through ./launch.sh on a free port; POST /v1/videos
     (multipart, sync) and time until the JSON response is parsed.
-(b) In-process: `torchrun --nproc-per-node 1 -m engine.offline`, the same engine code
+(b) In-process: `torchrun --nproc-per-node 1 -m wanserve.engine.serving.offline`, the same engine code
     (run_request) without HTTP; its `wall` covers generation including the VAE decode.
 Both get identical parameters and the same input image, uploaded at exactly the target size
 so the server's fit is the identity (checked). The phases run one after the other.
@@ -42,8 +42,8 @@ GOAL = 1.03
 
 
 def input_png(width: int, height: int, image_seed: int) -> bytes:
-    from api.images import decode_image, fit_to_size
-    from engine.offline import synthetic_image
+    from wanserve.api.images import decode_image, fit_to_size
+    from wanserve.engine.serving.offline import synthetic_image
 
     pixels = synthetic_image(width, height, image_seed)
     buf = io.BytesIO()
@@ -107,12 +107,12 @@ def inprocess_phase(args: argparse.Namespace, flags: list[str], width: int, heig
             "guidance_scale": args.guidance, "image_seed": args.image_seed}
     (tmp / "reqs.json").write_text(json.dumps([spec]))
     out = tmp / "out.npz"
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "1", "-m", "engine.offline",
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "1", "-m", "wanserve.engine.serving.offline",
            "--requests", str(tmp / "reqs.json"), "--out", str(out),
            "--repeat", str(args.warmup + args.repeats), "--config", str(args.config), *flags]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"engine.offline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"wanserve.engine.serving.offline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     runs = json.loads(Path(f"{out}.json").read_text())["runs"]
     for run in runs:
         print(f"  local run {run['round']}: {run['wall']:.3f}s"
@@ -179,7 +179,7 @@ def main() -> int:
           f"{args.warmup} warm-up + {args.repeats} runs per side; {args.config.name} {flags}")
     print("phase 1: HTTP through ./launch.sh")
     http = http_phase(args, flags, png, args.out.with_suffix(".server.log").resolve())
-    print("phase 2: in-process (engine.offline)")
+    print("phase 2: in-process (wanserve.engine.serving.offline)")
     with tempfile.TemporaryDirectory(prefix="wanserve-bench-") as tmp:
         local = inprocess_phase(args, flags, width, height, Path(tmp))
     summary = summarise(http, local)

@@ -107,7 +107,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
 
 def job_after_a_restart(tmp: Path, data_dir: Path, job_id: str, *flags: str) -> dict:
     """The job as the first answer of a one-rank server started on `data_dir` gives it: asked
-    as soon as HTTP answers, while the model may still be loading (api/resume.py settles the
+    as soon as HTTP answers, while the model may still be loading (wanserve/api/resume.py settles the
     jobs that cannot run again before that)."""
     again = start_server(tmp, *flags, data_dir=data_dir, wait=False)
     try:
@@ -147,7 +147,7 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def logged_steps(server: Server, job_id: str) -> list[int]:
-    """The steps rank 0 logged for a job while it was live (api/serving.py on_progress)."""
+    """The steps rank 0 logged for a job while it was live (wanserve/api/serving.py on_progress)."""
     return [int(step) for step in
             re.findall(rf"job {job_id} \[[ #]*\] step (\d+)/\d+", server.log())]
 
@@ -247,14 +247,14 @@ def keyed_server(tmp_path_factory):
 
 def run_offline(tmp_path: Path, nproc: int, requests: list, *flags: str,
                 pythonpath: str = "") -> tuple[dict, dict]:
-    """`engine.offline` under torchrun (no HTTP, the server's engine code): rank 0's float
+    """`wanserve.engine.serving.offline` under torchrun (no HTTP, the server's engine code): rank 0's float
     frames {"frames_<i>": array} and its report (layout, world size, timings)."""
     requests_file = tmp_path / "requests.json"
     requests_file.write_text(json.dumps(requests))
     tag = hashlib.sha256(json.dumps([nproc, requests, flags]).encode()).hexdigest()[:10]
     out = tmp_path / f"frames-{tag}.npz"
     cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "engine.offline", "--requests", str(requests_file), "--out", str(out), *flags]
+           "-m", "wanserve.engine.serving.offline", "--requests", str(requests_file), "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{pythonpath}:{REPO}" if pythonpath else str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

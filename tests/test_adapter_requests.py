@@ -22,15 +22,15 @@ import requests
 from safetensors.torch import save_file
 
 from conftest import assert_client_error, png_bytes, start_server
-from engine.adapter_choice import dynamic_name, resolve_lora
-from engine.adapters import AdapterError, AdapterUse
-from engine.config import load_config
+from wanserve.engine.adapters.choice import dynamic_name, resolve_lora
+from wanserve.engine.adapters.lora import AdapterError, AdapterUse
+from wanserve.engine.config import load_config
 from lora_files import make_lora, write_diffusers
 
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("lora")
     (root / "dir").mkdir()
@@ -85,8 +85,8 @@ def test_distilled_grid_and_split(lora_file):
     """The Lightning presets on the tiny model's scheduler: UniPC with flow_shift 5 gives the
     [999, 937, 833, 625] grid, 2 high-noise + 2 low-noise steps at boundary 0.9; Euler gives
     the exact distilled sigmas."""
-    from engine.pipeline import DistilledEulerScheduler
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.pipeline import DistilledEulerScheduler
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
     from diffusers import UniPCMultistepScheduler
 
     for preset in ("480p", "720p"):

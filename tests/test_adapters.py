@@ -42,7 +42,7 @@ WAN21_IMAGE_KEYS = (2 * 2 + 2) * 2
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("loras")
     model = ensure_tiny_model()

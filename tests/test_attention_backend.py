@@ -1,4 +1,4 @@
-"""Attention backend choice (kernels.attention.select_backend), without a GPU.
+"""Attention backend choice (wanserve.kernels.attention.select_backend), without a GPU.
 
 The flash-attn stand-ins carry the real parameter lists of `flash_attn_func`:
 - flash-attn 3 at tag v2.8.3 / v2.8.3.post1 (hopper/flash_attn_interface.py): no
@@ -18,15 +18,15 @@ import types
 import pytest
 import torch
 
-from engine import xfuser_compat
+from wanserve.engine.parallel import xfuser_compat
 
 xfuser_compat.apply()
 
 from xfuser.core.distributed import attention_backend as ab  # noqa: E402
 from xfuser.envs import PACKAGES_CHECKER  # noqa: E402
 
-from kernels import attention  # noqa: E402
-from kernels.attention import Kernels, select_backend  # noqa: E402
+from wanserve.kernels import attention  # noqa: E402
+from wanserve.kernels.attention import Kernels, select_backend  # noqa: E402
 
 CUDA = torch.device("cuda")
 HALF = [torch.bfloat16, torch.float16]

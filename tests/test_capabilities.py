@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.capabilities import model_capabilities
-from api.params import parse_params, resolve_request
+from wanserve.api.capabilities import model_capabilities
+from wanserve.api.params import parse_params, resolve_request
 from conftest import REPO, png_bytes
-from engine.config import Defaults, Limits, load_config
-from engine.features import ModelFeatures
+from wanserve.engine.config import Defaults, Limits, load_config
+from wanserve.engine.model.features import ModelFeatures
 
 BASE = load_config([])
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -49,6 +49,6 @@ def test_each_offered_size_and_default_is_accepted(path):
 
 
 def test_sizes_from_the_command_line():
-    """Checked with: `_sizes` not splitting a string (engine/config.py), one size per character."""
+    """Checked with: `_sizes` not splitting a string (wanserve/engine/config.py), one size per character."""
     cfg = load_config(["--set", "sizes=96x96, 64x48"])
     assert model_capabilities(cfg).sizes == ["96x96", "64x48"]

@@ -1,4 +1,4 @@
-"""The `wanserve` command (api/cli.py), run as `python -m api.cli` against a real server."""
+"""The `wanserve` command (wanserve/api/cli.py), run as `python -m wanserve.api.cli` against a real server."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ from test_jobs_lifecycle import QUICK, submit
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "wanserve.api.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -81,7 +81,7 @@ def test_a_bad_request_exits_non_zero_with_the_servers_message(server, tmp_path)
 
 
 def test_the_cli_starts_without_torch():
-    """checked with: `import api.params` added to api/cli.py (it pulls torch in)."""
-    code = "import sys, api.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    """checked with: `import wanserve.api.params` added to wanserve/api/cli.py (it pulls torch in)."""
+    code = "import sys, wanserve.api.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

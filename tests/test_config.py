@@ -1,4 +1,4 @@
-"""engine/config.py: the CPU test vehicle's keys live under one `cpu:` section; the keys the
+"""wanserve/engine/config.py: the CPU test vehicle's keys live under one `cpu:` section; the keys the
 presets had before are still read, with a warning.
 
 Checked with: mapping `memory.keep_freed_cpu_memory` to the wrong key (the value test fails);
@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from conftest import REPO
-from engine.config import CpuSettings, load_config
+from wanserve.engine.config import CpuSettings, load_config
 
 
 def preset(tmp_path, extra: str) -> str:
@@ -55,8 +55,8 @@ def test_more_local_ranks_than_gpus_is_refused_before_loading(monkeypatch):
     """Checked with: the count comparison removed (nothing raised)."""
     import torch
 
-    from engine import startup
-    from engine.layout import LayoutError
+    from wanserve.engine import startup
+    from wanserve.engine.parallel.layout import LayoutError
 
     monkeypatch.setattr(startup, "gpu_usable", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

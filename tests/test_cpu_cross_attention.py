@@ -1,4 +1,4 @@
-"""engine/cpu/cross_attention.py: the engine's transformer computes each prompt's
+"""wanserve/engine/cpu/cross_attention.py: the engine's transformer computes each prompt's
 cross-attention keys and values once, and returns exactly what an uncached transformer returns.
 
 The check runs in a child process (this file as a script) because xfuser's parallel state is
@@ -41,12 +41,12 @@ def _check() -> dict:
     change one prompt in place; compare with a transformer loaded without the cache."""
     import torch
 
-    from engine.assembly import assemble
-    from engine.config import load_config
-    from engine.distributed import init_distributed, shutdown
-    from engine.sp_padding import WanServeTransformer
-    from engine.startup import resolve_model_path
-    from engine.cpu.vae_kernels import use_fast_cpu_kernels
+    from wanserve.engine.assembly import assemble
+    from wanserve.engine.config import load_config
+    from wanserve.engine.parallel.distributed import init_distributed, shutdown
+    from wanserve.engine.parallel.sp_padding import WanServeTransformer
+    from wanserve.engine.startup import resolve_model_path
+    from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels
 
     cfg = load_config(["--model", "tiny"])
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
@@ -86,7 +86,7 @@ def _check() -> dict:
                     got = cached(latents, timestep, context, return_dict=False)[0]
                     want = reference(latents, timestep, context, return_dict=False)[0]
                     diff = max(diff, (got - want).abs().max().item())
-        from engine.cpu.cross_attention import CachedCrossAttnProcessor
+        from wanserve.engine.cpu.cross_attention import CachedCrossAttnProcessor
 
         return {
             **counts, "max_abs_diff": diff, "blocks": len(cached.blocks),

@@ -1,4 +1,4 @@
-"""engine/cpu/memory.py: after keep_freed_memory(), a step that makes the same large
+"""wanserve/engine/cpu/memory.py: after keep_freed_memory(), a step that makes the same large
 temporaries over and over reuses pages already mapped; without it glibc unmaps or trims them
 on free and each step faults them in again. Each case runs in a fresh interpreter, since
 mallopt's settings are process-wide."""
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, resource, sys, torch
-from engine.cpu.memory import keep_freed_memory
+from wanserve.engine.cpu.memory import keep_freed_memory
 accepted = keep_freed_memory() if sys.argv[1] == "keep" else None
 
 def faults():

@@ -1,4 +1,4 @@
-"""engine/cpu/vae_kernels.py: the tiny model's VAE and transformer with the CPU kernels swapped in
+"""wanserve/engine/cpu/vae_kernels.py: the tiny model's VAE and transformer with the CPU kernels swapped in
 compute what they computed before, and the slow aten kernels are really gone from the trace."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from engine import xfuser_compat
+from wanserve.engine.parallel import xfuser_compat
 
 xfuser_compat.apply()
 
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 
-from engine.tiny_model import ensure_tiny_model  # noqa: E402
-from engine.cpu.vae_kernels import use_fast_cpu_kernels  # noqa: E402
+from wanserve.engine.model.tiny_model import ensure_tiny_model  # noqa: E402
+from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels  # noqa: E402
 
 
 def aten_ops(fn) -> set[str]:

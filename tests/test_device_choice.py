@@ -1,6 +1,6 @@
 """A CUDA build of torch with no usable GPU (no driver, `CUDA_VISIBLE_DEVICES=""`, a container
 without GPUs) runs on the CPU with the CPU workarounds, like a CPU build: the device and the
-workarounds are decided from the same test (engine/device.py).
+workarounds are decided from the same test (wanserve/engine/parallel/device.py).
 
 Here a CPU build is made to look like such a CUDA build (`torch.version.cuda` set at start-up
 through a sitecustomize), and a 2-rank Ulysses job must still run.

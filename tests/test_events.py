@@ -48,7 +48,7 @@ def test_every_step_in_order_then_the_final_event(server):
 
 
 def test_a_finished_job_gives_one_final_event(server):
-    """checked with: `while True` for the loop in api/events.py follow (the stream of a
+    """checked with: `while True` for the loop in wanserve/api/events.py follow (the stream of a
     finished job never ends: a read timeout)."""
     job = submit(server, {"size": "64x64", "num_frames": "5", "num_inference_steps": "2"},
                  prefer_async=False).json()

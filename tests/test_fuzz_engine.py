@@ -3,8 +3,8 @@ its whole range (fps 1-60, any boundary, guidance and shift, negative prompts, o
 served end to end by the real server, each answering an MP4 of the requested shape; with one
 field broken on purpose the 400 names it and the server keeps serving.
 
-Checked with: fps capped at 30 in api/params.py (valid fps above 30 answer 400), and the MP4
-written at a fixed 16 fps in api/video.py (the stream's rate differs from the request's).
+Checked with: fps capped at 30 in wanserve/api/params.py (valid fps above 30 answer 400), and the MP4
+written at a fixed 16 fps in wanserve/api/video.py (the stream's rate differs from the request's).
 """
 from __future__ import annotations
 

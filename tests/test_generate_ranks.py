@@ -1,8 +1,8 @@
-"""engine/generate.py on several ranks: with the VAE sharded every rank decodes, but only rank 0
+"""wanserve/engine/serving/generate.py on several ranks: with the VAE sharded every rank decodes, but only rank 0
 turns the decoded video into frames; stage times wait for the GPU's queued work.
 
 The rank check runs as this file under torchrun (Ulysses 2, the VAE sharded over both ranks).
-Checked with: `frames=True` on every rank in engine/worker.py (rank 1 post-processes too), and
+Checked with: `frames=True` on every rank in wanserve/engine/serving/worker.py (rank 1 post-processes too), and
 `stage_clock` returning `time.perf_counter` for CUDA (no synchronize).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_only_rank_0_postprocesses_the_decoded_video():
 
 
 def test_stage_clock_waits_for_the_gpu(monkeypatch):
-    from engine.generate import stage_clock
+    from wanserve.engine.serving.generate import stage_clock
 
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
@@ -41,12 +41,12 @@ def test_stage_clock_waits_for_the_gpu(monkeypatch):
 def _ranks() -> list:
     import torch.distributed as dist
 
-    from engine.assembly import assemble
-    from engine.config import load_config
-    from engine.distributed import init_distributed, shutdown
-    from engine.offline import request_from_spec
-    from engine.startup import resolve_model_path
-    from engine.worker import end_of_job, run_request
+    from wanserve.engine.assembly import assemble
+    from wanserve.engine.config import load_config
+    from wanserve.engine.parallel.distributed import init_distributed, shutdown
+    from wanserve.engine.serving.offline import request_from_spec
+    from wanserve.engine.startup import resolve_model_path
+    from wanserve.engine.serving.worker import end_of_job, run_request
 
     cfg = load_config(["--ulysses", "2"])
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)

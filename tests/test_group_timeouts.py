@@ -30,8 +30,8 @@ def _timeouts() -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.distributed import init_distributed
-    from engine.layout import ParallelLayout
+    from wanserve.engine.parallel.distributed import init_distributed
+    from wanserve.engine.parallel.layout import ParallelLayout
 
     # two replicas of U2: rank 0 also holds the link to replica 1's leader
     ctx = init_distributed(ParallelLayout(ulysses=2, dp=2), TIMEOUT_S)

@@ -93,7 +93,7 @@ def test_same_seed_same_frames_and_random_seed_reported(server):
 
 def test_reported_seed_reproduces_the_video(server):
     """No seed sent: the seed the job reports regenerates the same frames.
-    checked with: `seed=request.seed ^ 1` in api/serving.py create_job (the job reports
+    checked with: `seed=request.seed ^ 1` in wanserve/api/serving.py create_job (the job reports
     a seed other than the one used)."""
     fields = {"prompt": "a lighthouse in a storm", **QUICK}
     image = {"input_reference": ("ref.png", png_bytes(), "image/png")}
@@ -111,7 +111,7 @@ def test_reported_seed_reproduces_the_video(server):
                                            ({"fps": "60", "seconds": "0.15"}, 9)])
 def test_high_fps_end_to_end(server, fields, frames):
     """fps above the 1..30 the other tests use, up to limits.max_fps (60); `seconds` × 60.
-    checked with: `rate = Fraction(min(fps, 30))` in api/video.py encode_mp4."""
+    checked with: `rate = Fraction(min(fps, 30))` in wanserve/api/video.py encode_mp4."""
     fps = int(fields["fps"])
     resp = create(server, {"size": "64x64", "num_inference_steps": "2", **fields})
     assert stream_info(video_of(resp)) == (frames, 64, 64, float(fps))
@@ -143,7 +143,7 @@ def test_input_image_changes_the_output(server):
 
 
 def test_last_frame_as_a_file_part_or_a_data_url_changes_the_video(server):
-    """checked with: `last_image` not passed (engine/generate.py _denoise): the video is the
+    """checked with: `last_image` not passed (wanserve/engine/serving/generate.py _denoise): the video is the
     one without a last frame."""
     first, last = png_bytes(seed=1), png_bytes(seed=4)
     plain = decode_frames(video_of(create(server, image=first)))

@@ -1,4 +1,4 @@
-"""Unit tests for api.images and api.video: real Pillow images, real PyAV encode/decode."""
+"""Unit tests for wanserve.api.images and wanserve.api.video: real Pillow images, real PyAV encode/decode."""
 from __future__ import annotations
 
 import io
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from api.images import ALLOWED_FORMATS, decode_image, fit_to_size, size_for_aspect
-from api.video import encode_mp4, is_faststart, probe_mp4
-from engine.config import load_config
+from wanserve.api.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from wanserve.api.images import ALLOWED_FORMATS, decode_image, fit_to_size, size_for_aspect
+from wanserve.api.video import encode_mp4, is_faststart, probe_mp4
+from wanserve.engine.config import load_config
 
 LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 4096 * 4096}
 
@@ -182,7 +182,7 @@ def test_encode_mp4_round_trip(count, width, height, fps):
 
 def test_encode_mp4_every_fps_up_to_the_limit():
     """Each fps a request may ask for (1..limits.max_fps) keeps its frame count, rate and
-    timestamps. checked with: `rate = Fraction(min(fps, 30))` in api/video.py encode_mp4."""
+    timestamps. checked with: `rate = Fraction(min(fps, 30))` in wanserve/api/video.py encode_mp4."""
     max_fps = load_config([]).limits.max_fps
     frames = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     for fps in range(1, max_fps + 1):

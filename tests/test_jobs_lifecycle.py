@@ -39,7 +39,7 @@ def wait_status(srv, job_id, wanted, timeout=60):
 
 
 def test_full_queue_answers_429_then_recovers(tmp_path):
-    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
+    """checked with: Engine.cancel made a no-op (wanserve/engine/serving/engine.py)."""
     srv = start_server(tmp_path, "--max-queue", "1")
     try:
         running = submit(srv, SLOW).json()
@@ -75,7 +75,7 @@ def test_completed_videos_expire_after_the_ttl(tmp_path):
 
 
 def test_a_disconnected_synchronous_caller_cancels_its_job(server):
-    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
+    """checked with: Engine.cancel made a no-op (wanserve/engine/serving/engine.py)."""
     srv = server  # shared: other tests' jobs are listed too
     before = {job["id"] for job in requests.get(srv.url + "/v1/videos", timeout=5).json()["data"]}
     cancelled = metric(srv, CANCELLED)

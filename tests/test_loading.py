@@ -1,4 +1,4 @@
-"""engine/pipeline.py: the weights go from the checkpoint straight to the rank's device, without
+"""wanserve/engine/model/pipeline.py: the weights go from the checkpoint straight to the rank's device, without
 a whole copy of each component in host memory first (8 ranks x 57 GB of experts on one host).
 
 The device here is `meta` (no data, no memory): whatever loads straight to it ends up there,
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.offload import EXPERTS
-from engine.pipeline import load_pipeline
-from engine.tiny_model import ensure_tiny_model
+from wanserve.engine.model.offload import EXPERTS
+from wanserve.engine.model.pipeline import load_pipeline
+from wanserve.engine.model.tiny_model import ensure_tiny_model
 
 
 def devices(module) -> set[str]:

@@ -97,7 +97,7 @@ def completed_id(server) -> str:
 
 
 def test_malformed_post_bodies_are_4xx(server):
-    """checked with: the `except RecursionError` clause removed from api/app.py _json_object
+    """checked with: the `except RecursionError` clause removed from wanserve/api/app.py _json_object
     (deeply nested arrays and objects answered 500)."""
 
     @settings(SETTINGS, max_examples=80)
@@ -128,7 +128,7 @@ def test_malformed_post_bodies_are_4xx(server):
     (b"prompt=\xff", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "invalid_form"),
 ])
 def test_unparseable_bodies_are_named(server, body, headers, status, code):
-    """checked with, each alone in api/app.py: `parse_constant=_reject_constant` dropped (NaN
+    """checked with, each alone in wanserve/api/app.py: `parse_constant=_reject_constant` dropped (NaN
     and Infinity went on to 400 invalid_value); `body.decode("utf-8-sig")` replaced by `body`
     (the UTF-16 body was parsed); a form default for an absent Content-Type (400 missing
     input_reference / prompt); `_form(...)` replaced by `request.form, request.files` (400
@@ -157,7 +157,7 @@ ID = st.one_of(
 
 
 def test_garbage_query_strings_on_the_listing_are_4xx_or_a_page(server):
-    """checked with: `except ValueError` in api/serving.py validate_listing narrowed to
+    """checked with: `except ValueError` in wanserve/api/serving.py validate_listing narrowed to
     `except TypeError` (500 for `limit=::`)."""
 
     @settings(SETTINGS, max_examples=30)
@@ -174,7 +174,7 @@ def test_garbage_query_strings_on_the_listing_are_4xx_or_a_page(server):
 
 
 def test_garbage_ids_are_4xx_on_every_id_route(server):
-    """checked with: `if job is None:` in api/serving.py get_job changed to `if job is None and
+    """checked with: `if job is None:` in wanserve/api/serving.py get_job changed to `if job is None and
     not is_job_id(job_id):` (a well-formed id without a job answered 500 on all three
     routes)."""
 
@@ -197,7 +197,7 @@ def test_garbage_ids_are_4xx_on_every_id_route(server):
 
 
 def test_garbage_range_and_variant_on_real_content_never_5xx(server, completed_id):
-    """checked with: `_range_number` in api/app.py returning `int(digits)` unbounded (500 for
+    """checked with: `_range_number` in wanserve/api/app.py returning `int(digits)` unbounded (500 for
     a Range of 5000 digits: int() refuses more than 4300)."""
     whole = requests.get(f"{server.url}/v1/videos/{completed_id}/content", timeout=10).content
 

@@ -43,11 +43,11 @@ def single_rank(tmp_path_factory):
 # The VAE is sharded by rows across all ranks by default (distvae, oneDNN convolutions on CPU);
 # one case keeps it on rank 0 alone.
 VAE_ON_RANK_0 = ("--set", "parallel.vae=false")
-# CPU ranks exchange through shared memory by default (engine/cpu/shm_transport.py); one case
+# CPU ranks exchange through shared memory by default (wanserve/engine/cpu/shm_transport.py); one case
 # passes the ring and Ulysses exchanges over gloo (tests/test_shm_exchange.py compares the two
 # transports directly).
 GLOO_ONLY = ("--set", "cpu.shared_memory=false")
-# Without the CPU test vehicle (engine/cpu/) a CPU server is still exact, only slower.
+# Without the CPU test vehicle (wanserve/engine/cpu/) a CPU server is still exact, only slower.
 NO_CPU_TUNING = ("--set", "cpu.tuning=false")
 
 
@@ -61,7 +61,7 @@ NO_CPU_TUNING = ("--set", "cpu.tuning=false")
     (2, ("--ulysses", "2", *NO_CPU_TUNING, *VAE_ON_RANK_0)),
 ], ids=["U2", "R2", "C2", "U2C2", "U2R2-gloo", "U2-no-cpu-tuning-vae-rank0"])
 def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
-    """checked with: the SP padding mask removed (engine/sp_padding.py
+    """checked with: the SP padding mask removed (wanserve/engine/parallel/sp_padding.py
     WanServeTransformer.forward setting neither valid_kv_len nor the ring's valid lengths)."""
     parallel = run_layout(tmp_path, nproc, *flags)
     assert parallel.keys() == single_rank.keys()
@@ -74,7 +74,7 @@ def test_layout_matches_single_rank(tmp_path, single_rank, nproc, flags):
 
 def test_outputs_are_not_trivial(single_rank):
     """The comparison above means something only if the videos differ from each other, the
-    last frame included. checked with: `last_image` not passed (engine/generate.py _denoise):
+    last frame included. checked with: `last_image` not passed (wanserve/engine/serving/generate.py _denoise):
     request 3 equals request 1."""
     a, b, c, b_last = (single_rank[f"frames_{i}"] for i in range(4))
     assert a.std() > 0.01 and np.abs(a - c).max() > 0.01
@@ -91,7 +91,7 @@ def test_outputs_are_not_trivial(single_rank):
 ])
 def test_invalid_layout_is_refused_before_loading(flags, world_size, message):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": world_size, "RANK": "0"}
-    proc = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "api.main", *flags],
+    proc = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "wanserve.api.main", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr

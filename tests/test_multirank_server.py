@@ -36,7 +36,7 @@ def server2(tmp_path_factory):
 
 
 def test_health_reports_the_parallel_layout(server2):
-    """checked with (the load peaks): engine/distributed.py `gather_to_all` returning [value]
+    """checked with (the load peaks): wanserve/engine/parallel/distributed.py `gather_to_all` returning [value]
     (only rank 0's)."""
     health = requests.get(server2.url + "/health", timeout=5).json()
     assert health["parallel"]["world_size"] == 2 and health["parallel"]["layout"] == "U2R1C1"
@@ -60,7 +60,7 @@ def test_three_sequential_requests_of_different_sizes(server2):
 
 
 def test_async_job_progress_increases_to_completion(server2):
-    """checked with: progress reported every 4th step only (engine/worker.py on_step)."""
+    """checked with: progress reported every 4th step only (wanserve/engine/serving/worker.py on_step)."""
     resp = post(server2, {"num_inference_steps": "12", "size": "192x192"}, prefer_async=True)
     assert resp.status_code == 202, resp.text
     job = resp.json()
@@ -81,7 +81,7 @@ def test_async_job_progress_increases_to_completion(server2):
 
 
 def test_cancel_running_job_then_next_job_succeeds(server2):
-    """checked with: Engine.cancel made a no-op (engine/engine.py)."""
+    """checked with: Engine.cancel made a no-op (wanserve/engine/serving/engine.py)."""
     cancelled = metric(server2, CANCELLED)
     job = post(server2, SLOW, prefer_async=True).json()
     deadline = time.monotonic() + 60
@@ -105,7 +105,7 @@ def test_killed_rank_answers_the_caller_and_stops_the_server_with_the_reason(tmp
     """The job is kept for a re-run (tests/test_restarts.py); a restart allowed one attempt fails
     it with the reason of the one it had.
     checked with: shared-memory waits that never notice a dead peer and never time out
-    (engine/cpu/shm_exchange.py ShmChannel._wait); `dead_peers` returning '' (the reason
+    (wanserve/engine/cpu/shm_exchange.py ShmChannel._wait); `dead_peers` returning '' (the reason
     names no rank)."""
     data_dir = tmp_path / "data"
     srv = start_server(tmp_path, "--ulysses", "2", "--collective-timeout", "20", nproc=2,

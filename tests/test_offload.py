@@ -10,8 +10,8 @@ import requests
 import torch
 from torch import nn
 
-from engine.adapters import Adapters, AdapterUse
-from engine.offload import ExpertOffload
+from wanserve.engine.adapters.lora import Adapters, AdapterUse
+from wanserve.engine.model.offload import ExpertOffload
 
 from conftest import start_server
 from lora_files import make_lora, write_diffusers
@@ -19,7 +19,7 @@ from test_http_e2e import create, decode_frames, video_of
 
 
 def test_offloaded_experts_swap_at_the_boundary_and_change_nothing(server, tmp_path):
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     lora = write_diffusers(make_lora(ensure_tiny_model(), 1), tmp_path / "a.safetensors")
     offloaded = start_server(tmp_path, "--offload-inactive-expert", "--lora", f"a={lora}")
@@ -71,7 +71,7 @@ def test_adapters_survive_the_swaps_of_an_offloaded_expert(tmp_path):
     `ExpertOffload.refresh` not copying the resident expert's changed layers back (the same)."""
     from diffusers import WanImageToVideoPipeline  # plain diffusers: no parallel state needed
 
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     model = ensure_tiny_model()
     files = [write_diffusers(make_lora(model, seed), tmp_path / f"{seed}.safetensors")

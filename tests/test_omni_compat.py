@@ -14,9 +14,9 @@ import PIL.Image
 import pytest
 import requests
 
-from api.video import _to_uint8
+from wanserve.api.video import _to_uint8
 from conftest import REPO, png_bytes, start_server
-from engine.offline import synthetic_image
+from wanserve.engine.serving.offline import synthetic_image
 from test_http_e2e import decode_frames, stream_info
 
 IMAGE = {"input_reference": ("ref.png", png_bytes(), "image/png")}
@@ -41,7 +41,7 @@ def test_sync_route_answers_the_raw_mp4_with_headers(server):
 
 
 def test_extra_params_flow_under_the_top_level_fields(server):
-    """checked with: `{**given, **extra}` in api/params.py merge_extra_params (extra_params
+    """checked with: `{**given, **extra}` in wanserve/api/params.py merge_extra_params (extra_params
     overrides the top-level size)."""
     extra = {"num_frames": 9, "seed": 21, "size": "96x96", "num_inference_steps": 2,
              "not_a_field": 1}
@@ -65,7 +65,7 @@ def test_extra_params_flow_under_the_top_level_fields(server):
 
 def test_the_job_reports_inference_time_stages_and_peak_memory(server):
     """checked with: `peak_memory_kind="cuda_max_allocated"` on the CPU in
-    engine/peak_memory.py read_peak."""
+    wanserve/engine/model/peak_memory.py read_peak."""
     body = requests.post(server.url + "/v1/videos", data=TINY, files=IMAGE, timeout=300).json()
     job = requests.get(f"{server.url}/v1/videos/{body['id']}", timeout=5).json()
     for view in (body, job):
@@ -79,15 +79,15 @@ def test_the_job_reports_inference_time_stages_and_peak_memory(server):
 
 
 def test_lossless_frames_are_the_generated_frames(server, tmp_path):
-    """Over HTTP with quality=lossless the decoded MP4 is engine.offline's frames for the same
-    request, rounded to uint8 as api/video.py does, exactly.
-    checked with: "qp": "1" for lossless in api/video.py encode_mp4."""
+    """Over HTTP with quality=lossless the decoded MP4 is wanserve.engine.serving.offline's frames for the same
+    request, rounded to uint8 as wanserve/api/video.py does, exactly.
+    checked with: "qp": "1" for lossless in wanserve/api/video.py encode_mp4."""
     spec = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 3, "seed": 11,
             "image_seed": 4, "prompt": "a red kite over the dunes", "guidance_scale": 4.0}
     (tmp_path / "reqs.json").write_text(json.dumps([spec]))
     out = tmp_path / "offline.npz"
     proc = subprocess.run([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node",
-                           "1", "-m", "engine.offline", "--requests", str(tmp_path / "reqs.json"),
+                           "1", "-m", "wanserve.engine.serving.offline", "--requests", str(tmp_path / "reqs.json"),
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,10 +151,10 @@ def test_a_benchmark_style_client(async_server):
 
 
 def test_a_data_dir_from_before_the_new_job_fields_still_opens(tmp_path):
-    """checked with: the ALTER TABLE loop in api/jobs.py JobStore removed (no such column)."""
+    """checked with: the ALTER TABLE loop in wanserve/api/jobs.py JobStore removed (no such column)."""
     import sqlite3
 
-    from api.jobs import Job, JobStore
+    from wanserve.api.jobs import Job, JobStore
 
     old = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at",
            "model", "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",

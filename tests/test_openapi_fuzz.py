@@ -9,7 +9,7 @@ real image, `size` xor `width`/`height`, `seconds` x fps within the frame limit)
 tests/schemathesis_hooks.py make consistent for the schema-valid cases only.
 
 Checked with: `guidance_scale`'s upper bound dropped from the spec (schemathesis sends g > 50,
-the server's 400 fails positive_data_acceptance), and fps capped at 30 in api/params.py (fps 60
+the server's 400 fails positive_data_acceptance), and fps capped at 30 in wanserve/api/params.py (fps 60
 refused the same way).
 """
 from __future__ import annotations

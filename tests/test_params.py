@@ -6,10 +6,10 @@ import math
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from api.errors import APIError
-from api.params import parse_params, resolve_request
+from wanserve.api.errors import APIError
+from wanserve.api.params import parse_params, resolve_request
 from conftest import png_bytes
-from engine.config import load_config
+from wanserve.engine.config import load_config
 
 CFG = load_config([])
 IMAGE = png_bytes(96, 64)

@@ -129,7 +129,7 @@ def job_row_button(driver, job_id: str, label: str):
 
 def test_the_page_needs_no_key_and_asks_for_one(browser, server):
     """Checked with: the page's 401 handling not showing the key panel (the askForKey call
-    removed); the key required on every path but /health (api/app.py)."""
+    removed); the key required on every path but /health (wanserve/api/app.py)."""
     for path in ("/", "/static/playground.js", "/static/playground.css"):
         resp = requests.get(server.url + path, timeout=10)
         assert resp.status_code == 200 and resp.content, path

@@ -8,7 +8,7 @@
   (`attempts_exhausted`).
   Checked with: the old worker loop (a failed rank carries on to the end-of-job sync): the
   ranks are out of step and the job hangs until the 120 s timeout; and (attempts) `_request_or_fail`
-  comparing `job.attempts > limit` (api/resume.py): the job ran again; the check made
+  comparing `job.attempts > limit` (wanserve/api/resume.py): the job ran again; the check made
   once the engine is ready (its first answer said `queued`).
 - SIGTERM while the VAE decodes stops every rank well before the decode would have finished:
   the decode checks for a stop before each latent frame; the job waits, queued, for the restart.
@@ -113,7 +113,7 @@ def test_sigterm_with_a_hung_rank_still_stops_within_a_bound(tmp_path):
 def _assert_kept_for_the_restart(data_dir, job_id: str) -> None:
     """The job store, opened as the next start opens it, gives the job back to run again, its
     inputs kept (test_restarts.py runs such jobs after real restarts)."""
-    from api.jobs import JobStore
+    from wanserve.api.jobs import JobStore
 
     store = JobStore(data_dir, ttl_s=60)
     try:

@@ -1,4 +1,4 @@
-"""The published Wan2.2 layouts (engine/model_layouts.py) and the GPU script that serves A14B at
+"""The published Wan2.2 layouts (wanserve/engine/model/model_layouts.py) and the GPU script that serves A14B at
 full size (benchmarks/gpu_served.py), checked on the CPU.
 
 - The layouts built at full size on `meta` (shapes only, no memory) have the published sizes:
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from engine.model_layouts import LAYOUTS, WAN22_I2V_A14B, parse_random_model
-from engine.random_weights import build_components
+from wanserve.engine.model.model_layouts import LAYOUTS, WAN22_I2V_A14B, parse_random_model
+from wanserve.engine.model.random_weights import build_components
 
 FP32_IN_EXPERTS = {"scale_shift_table", "norm2", "time_embedder"}  # rope: buffers only
 

@@ -2,7 +2,7 @@
 
 The reference is diffusers' own pipeline on the same tiny weights (`WanImageToVideoPipeline`;
 for a TI2V request without an image, `WanPipeline`), in a process of its own that imports no
-wanserve module (no xfuser, no engine/cpu kernels), so a bug shared by every wanserve layout,
+wanserve module (no xfuser, no wanserve/engine/cpu kernels), so a bug shared by every wanserve layout,
 which the multi-rank equivalence tests cannot see, shows here. This file, run as a script, is
 that reference. tests/test_ti2v.py compares the TI2V miniature the same way.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from conftest import REPO
 from test_multirank_equivalence import run_layout
 
-# engine.offline fills the rest from configs/tiny.yaml's defaults, spelled out here for diffusers
+# wanserve.engine.serving.offline fills the rest from configs/tiny.yaml's defaults, spelled out here for diffusers
 DEFAULTS = {"prompt": "a lighthouse in a storm", "negative_prompt": "", "num_frames": 9,
             "num_inference_steps": 4, "guidance_scale": 3.5, "boundary_ratio": 0.875,
             "flow_shift": 3.0, "image_seed": 0}
@@ -36,7 +36,7 @@ TOLERANCE = 1e-5
 def diffusers_frames(model_path: Path, specs: list, tmp_path: Path) -> dict:
     """{"frames_<i>": float frames} of plain diffusers for `specs` (complete: every field it
     needs), run in a process of its own."""
-    from engine.offline import synthetic_image
+    from wanserve.engine.serving.offline import synthetic_image
 
     for index, spec in enumerate(specs):
         for key in ("image_seed", "last_image_seed"):
@@ -65,9 +65,9 @@ def assert_frames_match(ours: dict, reference: dict, tolerance: float = TOLERANC
 
 def test_one_rank_matches_plain_diffusers(tmp_path):
     """checked with: the CPU causal-conv kernel ignoring its cached frames
-    (engine/cpu/vae_kernels.py with_causal_frames); the last frame (request 2) with
-    `last_image` not passed (engine/generate.py _denoise)."""
-    from engine.tiny_model import ensure_tiny_model
+    (wanserve/engine/cpu/vae_kernels.py with_causal_frames); the last frame (request 2) with
+    `last_image` not passed (wanserve/engine/serving/generate.py _denoise)."""
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     ours = run_layout(tmp_path, 1, requests=REQUESTS)
     specs = [{**DEFAULTS, **spec} for spec in REQUESTS]

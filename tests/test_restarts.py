@@ -65,7 +65,7 @@ def stored_statuses(data_dir) -> dict[str, str]:
 
 def test_the_store_keeps_inputs_while_a_job_lives_and_gives_back_interrupted_jobs(tmp_path):
     """checked with: `_recover` returning the jobs in reverse creation order (`DESC`)."""
-    from api.jobs import Job, JobStore
+    from wanserve.api.jobs import Job, JobStore
 
     def job(n, status="queued"):
         return Job(id=f"video_{n:032x}", status=status, created_at=n, model="m", prompt="p",
@@ -99,9 +99,9 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     """One data dir, three starts. SIGTERM with a job running, a synchronous caller's job and
     one more queued; then SIGKILL of the whole job while the first runs again; then all three
     complete, equal to uninterrupted runs.
-    checked with: `on_failed` handling `server_shutdown` as any failure (api/serving.py): the
+    checked with: `on_failed` handling `server_shutdown` as any failure (wanserve/api/serving.py): the
     jobs were stored `failed` and the caller got 500 `server_shutdown`; and the seed not pinned
-    in the stored inputs (api/serving.py create_job storing `fields` as sent): the job sent
+    in the stored inputs (wanserve/api/serving.py create_job storing `fields` as sent): the job sent
     without a seed came back with another video; and (the last stop, SIGTERM every 2 ms)
     launch.sh taking the status of a `wait` a signal cut short, and running its trap again
     for each signal: exit 143, or 2 from bash itself, in most stops."""
@@ -226,7 +226,7 @@ def test_two_nodes_one_replica_each_and_a_dead_replica_restarts_with_its_job(tmp
     """DP2, one replica per node. A replica whose rank dies takes the whole job down (the
     choice README's "replicas" documents), torchrun starts every rank again, and both jobs
     that were running - one per replica - run again and complete.
-    checked with: leader_loop not sending the job's outcome back (engine/replicas.py): rank 0
+    checked with: leader_loop not sending the job's outcome back (wanserve/engine/serving/replicas.py): rank 0
     loses the replica after the restart too, and the job took a third attempt."""
     nodes, srv, where = _two_nodes(tmp_path, "--dp", "2")
     try:

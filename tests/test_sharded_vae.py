@@ -1,9 +1,9 @@
 """The tiny model's VAE sharded by rows over two real ranks decodes and encodes exactly what
 diffusers' own unsharded VAE does (none of our kernels on that side, so a kernel bug shows),
 including bands of different heights and a band one latent row high: the overlapped halo
-exchange (engine/cpu/sharded_conv.py) and the row-sharded mid-block attention
-(engine/cpu/vae_attention.py), with the ranks exchanging over gloo and over shared memory
-(engine/cpu/shm_transport.py: our halos, distvae's halos and all-gathers).
+exchange (wanserve/engine/cpu/sharded_conv.py) and the row-sharded mid-block attention
+(wanserve/engine/cpu/vae_attention.py), with the ranks exchanging over gloo and over shared memory
+(wanserve/engine/cpu/shm_transport.py: our halos, distvae's halos and all-gathers).
 
 The check runs as this file under torchrun (two processes); rank 0 prints the result.
 """
@@ -33,7 +33,7 @@ def results():
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_sharded_vae_matches_the_unsharded_vae(results, transport):
     """checked with: the CPU causal-conv kernel ignoring its cached frames
-    (engine/cpu/vae_kernels.py with_causal_frames)."""
+    (wanserve/engine/cpu/vae_kernels.py with_causal_frames)."""
     result = results[transport]
     assert result["rebound"] > 0
     assert result["attention_blocks"] == 2  # the encoder's and the decoder's mid block
@@ -50,16 +50,16 @@ def _check() -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine import xfuser_compat
+    from wanserve.engine.parallel import xfuser_compat
 
     xfuser_compat.apply()
     from diffusers import AutoencoderKLWan
     from distvae.vae import parallel as distvae_parallel
 
-    from engine.tiny_model import ensure_tiny_model
-    from engine.cpu.vae_kernels import use_fast_cpu_kernels, use_onednn_in_distvae
-    from engine.cpu.sharded_conv import use_overlapped_halos
-    from engine.cpu.vae_attention import shard_vae_attention
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
+    from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels, use_onednn_in_distvae
+    from wanserve.engine.cpu.sharded_conv import use_overlapped_halos
+    from wanserve.engine.cpu.vae_attention import shard_vae_attention
 
     dist.init_process_group("gloo")
     try:
@@ -75,7 +75,7 @@ def _check() -> dict:
         for transport in ("gloo", "shm"):
             routed = []
             if transport == "shm":
-                from engine.cpu import shm_transport
+                from wanserve.engine.cpu import shm_transport
 
                 routed = shm_transport.enable(60.0, {"vae": dist.group.WORLD})
             generator = torch.Generator().manual_seed(0)

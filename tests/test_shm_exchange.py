@@ -1,4 +1,4 @@
-"""engine/cpu/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
+"""wanserve/engine/cpu/shm_exchange.py under torchrun: every exchange gives what gloo gives, over many
 exchanges of changing sizes, dtypes and strides (both halves of each rank's file reused), with
 three ranks (a middle rank has two neighbours); a hung peer ends a wait at the timeout and a dead
 one at once, each with a clear error; ranks that do not share one /dev/shm (other hosts, or
@@ -47,7 +47,7 @@ def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
     """Docker gives a container 64 MiB of /dev/shm: channels get smaller, not refused."""
     import types
 
-    from engine.cpu import shm_exchange
+    from wanserve.engine.cpu import shm_exchange
 
     def free(nbytes):
         monkeypatch.setattr(shm_exchange.os, "statvfs",
@@ -64,7 +64,7 @@ def test_channels_shrink_to_what_dev_shm_has_room_for(monkeypatch):
 
 
 def test_spinning_only_where_ranks_have_their_own_cores(monkeypatch):
-    from engine.cpu.shm_transport import ranks_have_own_cores
+    from wanserve.engine.cpu.shm_transport import ranks_have_own_cores
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -77,7 +77,7 @@ def _match() -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.cpu import shm_exchange
+    from wanserve.engine.cpu import shm_exchange
 
     channel = shm_exchange.open_channel(dist.group.WORLD, capacity=1 << 16, timeout_s=60,
                                         spin=False)
@@ -138,7 +138,7 @@ def _faults() -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.cpu import shm_exchange
+    from wanserve.engine.cpu import shm_exchange
 
     # two "hosts" on this one: each rank's /dev/shm a folder of its own, one host name
     shared, shm_exchange.SHM_DIR = shm_exchange.SHM_DIR, tempfile.mkdtemp()

@@ -34,7 +34,7 @@ DEFAULTS = {"prompt": "a lighthouse in a storm", "negative_prompt": "", "num_fra
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from engine.tiny_model import ensure_tiny_model
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
 
     return diffusers_frames(ensure_tiny_model(name="tiny-ti2v"),
                             [{**DEFAULTS, **spec} for spec in REQUESTS],
@@ -44,10 +44,10 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("flags", [("--ulysses", "2"), ("--ring", "2"), ("--cfg", "2")],
                          ids=["U2", "R2", "C2"])
 def test_layout_matches_plain_diffusers_on_one_rank(tmp_path, reference, flags):
-    """checked with: the SP padding mask removed (engine/sp_padding.py
+    """checked with: the SP padding mask removed (wanserve/engine/parallel/sp_padding.py
     WanServeTransformer.forward setting no valid lengths): U2 and R2 fail on the 45-token
     image request (3.2e-4); the text-only frame mask marking the first latent frame as given
-    (engine/pipeline.py _text_only_latents): C2 fails on the text-to-video request (0.69)."""
+    (wanserve/engine/model/pipeline.py _text_only_latents): C2 fails on the text-to-video request (0.69)."""
     assert_frames_match(run_layout(tmp_path, 2, *TI2V, *flags, requests=REQUESTS), reference)
 
 

@@ -1,0 +1,303 @@
+"""The video service: jobs in, engine events out. No HTTP here (routes live in wanserve/api/app.py).
+
+Engine events arrive on the engine thread; MP4 encoding runs on this service's own executor,
+so the engine thread is free for the next job while the previous one is being encoded.
+
+A stop loses no job: one the engine gives back unfinished because the server stops, or because a
+rank broke and the engine stops for a restart, goes back to `queued` with its inputs kept, and
+the next start runs it again (wanserve/api/resume.py). Its synchronous caller gets 503
+`server_restarting` naming the job.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from wanserve.api.events import EventHub
+from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed, InvalidRequest, NotFound,
+                        RateLimited)
+from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
+from wanserve.api.metrics import Metrics
+from wanserve.api.params import parse_params, resolve_request
+from wanserve.api.video import encode_mp4
+from wanserve.engine.config import ServerConfig
+from wanserve.engine.serving.engine import Engine, QueueFull
+from wanserve.engine.serving.request import GenerationResult
+
+log = logging.getLogger("wanserve.api")
+
+
+class VideoService:
+    def __init__(self, cfg: ServerConfig, store: JobStore, metrics: Metrics):
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_fatal_hook = None
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="wanserve-mp4")
+        self._started: dict[str, float] = {}
+        self._last_step: dict[str, float] = {}
+        self._steps: dict[str, int] = {}  # steps done by the running job
+        self._replicas: dict[str, str] = {}  # the replica running each job (a metrics label)
+        self.events = EventHub()
+        self.stopping = False
+        self._encoding: set[str] = set()  # generated, MP4 being written: answered when stored
+        self.resuming = False  # jobs from before a restart still going back into the queue
+
+    # --- requests (event loop) ------------------------------------------------------------
+    def _require_engine(self) -> Engine:
+        if self.stopping:
+            raise EngineUnavailable("the server is stopping; retry once it is back",
+                                    code="server_restarting", headers={"Retry-After": "10"})
+        if self.resuming:  # they go first: they were submitted first
+            raise EngineUnavailable("the server is queueing the jobs it had before its restart",
+                                    code="engine_not_ready", headers={"Retry-After": "1"})
+        if self.engine is None or self.engine.state != "ready":
+            state = self.engine.state if self.engine else "starting"
+            raise EngineUnavailable(f"the engine is not ready ({state})", code="engine_not_ready",
+                                    headers={"Retry-After": "5"})
+        return self.engine
+
+    def request_for(self, job_id: str, fields: dict, files: dict[str, bytes]):
+        """(params, GenerationRequest) from a request's fields and file parts."""
+        params = parse_params(fields)
+        return params, resolve_request(job_id, params, files.get("input_reference"), self.cfg,
+                                       self.engine.features, files.get("last_frame"))
+
+    def create_job(self, fields: dict, files: dict[str, bytes]) -> Job:
+        engine = self._require_engine()
+        job_id = new_job_id()
+        params, request = self.request_for(job_id, fields, files)
+        job = Job(id=job_id, status="queued", created_at=int(time.time()),
+                  model=self.cfg.served_model_name, prompt=request.prompt,
+                  seconds=f"{request.num_frames / request.fps:g}",
+                  size=f"{request.width}x{request.height}", seed=request.seed,
+                  num_frames=request.num_frames, fps=request.fps,
+                  num_inference_steps=request.num_inference_steps,
+                  quality=params.quality or "high")
+        try:  # the seed pinned: a re-run after a restart makes the same video
+            self.store.add(job, {**fields, "seed": request.seed}, files)
+        except (OSError, sqlite3.Error) as exc:  # a full disk
+            raise GenerationFailed(f"could not store the job: {exc}", code="storage_failed") from None
+        queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
+        self._waiters[job_id] = self.loop.create_future()
+        try:
+            engine.submit(request)
+        except QueueFull as exc:
+            self.store.delete(job_id)
+            self._waiters.pop(job_id, None)
+            self.metrics.rejected.inc()
+            raise RateLimited(str(exc), code="queue_full", headers={"Retry-After": "10"}) from None
+        self.metrics.jobs.labels("queued").inc()
+        log.info("job %s queued: %s %s frames, %d steps, seed %d", job_id, job.size,
+                 request.num_frames, request.num_inference_steps, request.seed)
+        return queued
+
+    async def wait(self, job_id: str) -> Job:
+        future = self._waiters.get(job_id)
+        if future is not None:
+            await asyncio.shield(future)
+        return self.store.get(job_id)
+
+    async def wait_for_caller(self, job_id: str) -> Job:
+        """`wait` for a synchronous caller: if it goes away, the job is cancelled. If the server
+        stops first, the job stays for the restart and the caller is told so."""
+        try:
+            job = await self.wait(job_id)
+        except asyncio.CancelledError:
+            if not self.stopping:  # a stop closes every connection: nobody went away
+                self.cancel_abandoned(job_id)
+            raise
+        if job is not None and job.status not in TERMINAL:
+            raise EngineUnavailable(
+                f"the server is restarting before video {job_id} was done; the job is kept and "
+                f"runs after the restart: poll GET /v1/videos/{job_id}", code="server_restarting",
+                headers={"Retry-After": "10"})
+        return job
+
+    def video_bytes(self, job: Job) -> bytes:
+        """The finished job's MP4, or the error a synchronous caller gets instead."""
+        if job.status == "failed":
+            raise GenerationFailed(job.error_message or "generation failed", code=job.error_code)
+        if job.status == "cancelled":
+            raise APIError("the job was cancelled", code="cancelled", status=409)
+        return self.store.video_path(job).read_bytes()
+
+    def sync_body(self, job: Job) -> dict:
+        data = self.video_bytes(job)
+        return {"created": job.completed_at, "data": [{"b64_json": base64.b64encode(data).decode()}],
+                **job.public()}
+
+    def event_of(self, job: Job) -> dict:
+        """The event-stream view of a job (wanserve/api/protocol.py VideoEvent)."""
+        step = job.num_inference_steps if job.status == "completed" else self._steps.get(job.id, 0)
+        event = {"id": job.id, "status": job.status, "progress": job.progress, "step": step,
+                 "total_steps": job.num_inference_steps}
+        if job.error_code:
+            event["error"] = {"code": job.error_code, "message": job.error_message}
+        return event
+
+    def get_job(self, job_id: str) -> Job:
+        job = self.store.get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise NotFound(f"no video with id {job_id!r}", param="video_id", code="video_not_found")
+        return job
+
+    def cancel_or_delete(self, job_id: str) -> dict:
+        job = self.get_job(job_id)
+        if job.status not in TERMINAL:
+            self.engine.cancel(job_id)
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="cancelled", error_message="cancelled by the client")
+            self._resolve(job_id)
+        self.store.delete(job_id)
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+    def cancel_abandoned(self, job_id: str) -> None:
+        """A synchronous caller went away: nobody will read the result."""
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            log.info("job %s: client disconnected, cancelling", job_id)
+            self.engine.cancel(job_id)
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="client_disconnected",
+                              error_message="the synchronous caller disconnected")
+            self._resolve(job_id)
+
+    # --- engine events (engine thread) ----------------------------------------------------
+    def _replica(self, job_id: str) -> str:
+        replica = self.engine.replica_of(job_id) if self.engine is not None else None
+        return str(replica if replica is not None else 0)
+
+    def on_started(self, job_id: str) -> None:
+        self._started[job_id] = self._last_step[job_id] = time.perf_counter()
+        self._replicas[job_id] = replica = self._replica(job_id)
+        self.metrics.replica_jobs.labels(replica).inc()
+        job = self.store.get(job_id)
+        self.store.update(job_id, status="in_progress", attempts=(job.attempts if job else 0) + 1,
+                          last_error=None)
+
+    def on_progress(self, job_id: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.metrics.step_seconds.labels(self._replicas.get(job_id, "0")).observe(
+            now - self._last_step.get(job_id, now))
+        self._last_step[job_id] = now
+        self._steps[job_id] = done
+        job = self.store.update(job_id, persist=False, progress=min(99, 100 * done // total))
+        if job is not None:
+            self.events.publish(job_id, {"id": job_id, "status": job.status,
+                                         "progress": job.progress, "step": done,
+                                         "total_steps": total})
+            log.info("job %s [%-20s] step %d/%d", job_id, "#" * (20 * done // total), done, total)
+
+    def on_finished(self, job_id: str, result: GenerationResult) -> None:
+        self._encoding.add(job_id)
+        self._encoder.submit(self._encode_and_complete, job_id, result)
+
+    def _encode_and_complete(self, job_id: str, result: GenerationResult) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.status in TERMINAL:  # cancelled meanwhile
+            return self._resolve(job_id)
+        try:
+            start = time.perf_counter()
+            data = encode_mp4(result.frames, job.fps, quality=job.quality)
+            timings = {k: round(v, 4) for k, v in result.timings.items()}
+            timings["mp4_encode"] = round(time.perf_counter() - start, 4)
+            video_file = self.store.save_video(job_id, data)
+        except Exception as exc:
+            log.exception("job %s: could not store the video", job_id)
+            return self.on_failed(job_id, f"could not store the video: {exc}", "storage_failed")
+        now = time.time()
+        self.store.update(job_id, status="completed", progress=100, completed_at=int(now),
+                          expires_at=int(now + self.store.ttl_s), timings=timings,
+                          video_file=video_file, peak_memory_kind=result.peak_memory_kind,
+                          peak_memory_mb=(round(result.peak_memory_mb, 1)
+                                          if result.peak_memory_mb is not None else None))
+        self.metrics.jobs.labels("completed").inc()
+        self.metrics.job_seconds.labels(self._replicas.pop(job_id, "0")).observe(
+            time.perf_counter() - self._started.pop(job_id, start))
+        log.info("job %s completed (%s)", job_id, timings)
+        self._resolve(job_id)
+
+    def on_failed(self, job_id: str, message: str, code: str) -> None:
+        """`server_shutdown` and `engine_failure` (a job the engine went down under: on several
+        ranks rank 0 cannot tell a job that broke from a peer that died) keep the job for the
+        next start, which runs it again up to `server.max_attempts` times."""
+        if code in ("server_shutdown", "engine_failure"):
+            return self._keep_for_restart(job_id, message)
+        self.store.update(job_id, status="failed", completed_at=int(time.time()),
+                          error_code=code, error_message=message)
+        self.metrics.jobs.labels("failed").inc()
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def on_cancelled(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            self.store.update(job_id, status="cancelled", completed_at=int(time.time()),
+                              error_code="cancelled", error_message="cancelled")
+        self.metrics.jobs.labels("cancelled").inc()
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def on_fatal(self, message: str) -> None:
+        """The engine stopped for a restart: its jobs stay queued in the store for the next
+        start; their synchronous callers are answered now."""
+        log.error("engine failure: %s", message)
+        self.release_waiters()
+        if self.on_fatal_hook is not None:
+            self.on_fatal_hook(message)
+
+    def _keep_for_restart(self, job_id: str, reason: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            log.info("job %s goes back to the queue for the next start: %s", job_id, reason)
+            self.store.update(job_id, status="queued", progress=0, last_error=reason)
+        self._started.pop(job_id, None)
+        self._resolve(job_id)
+
+    def begin_stop(self) -> None:
+        """No new jobs from here on; a caller cut off by the stop is not a caller who left."""
+        self.stopping = True
+
+    def release_waiters(self) -> None:
+        """Answer every synchronous caller still waiting (`wait_for_caller` tells the ones
+        whose job is not done that it runs after the restart)."""
+        for job_id in list(self._waiters):
+            if job_id not in self._encoding:
+                self._resolve(job_id)
+
+    def _resolve(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is not None:
+            self.events.publish(job_id, self.event_of(job))
+        self._steps.pop(job_id, None)
+        self._last_step.pop(job_id, None)
+        self._replicas.pop(job_id, None)
+        self._encoding.discard(job_id)
+        future = self._waiters.pop(job_id, None)
+        if future is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
+
+
+def validate_listing(after: str | None, limit: str | None, order: str | None) -> tuple:
+    try:
+        n = int(limit) if limit is not None else 20
+    except ValueError:
+        raise InvalidRequest("`limit` must be an integer", param="limit") from None
+    if not 1 <= n <= 100:
+        raise InvalidRequest("`limit` must be between 1 and 100", param="limit")
+    order = order or "desc"
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("`order` must be 'asc' or 'desc'", param="order")
+    return after, n, order

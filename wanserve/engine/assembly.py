@@ -1,0 +1,92 @@
+"""Building the served model on one rank: the same ordered steps on every rank.
+
+    load weights (or build random ones) → place on the device → adapters (LoRA)
+    → parallel runtime → CPU tuning (CPU only) → what runs where
+
+A step cache and compiled blocks go between the adapters and the parallel runtime, in that
+order. Each step is one function in the module that owns it and returns what it did;
+`/health` shows those reports under the step's name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from wanserve.engine import cpu
+from wanserve.engine.adapters.lora import Adapters, load_adapters
+from wanserve.engine.config import ServerConfig
+from wanserve.engine.parallel.distributed import DistContext, gather_to_all
+from wanserve.engine.model.features import ModelFeatures, features_of
+from wanserve.engine.model.model_layouts import RandomModel
+from wanserve.engine.model.offload import EXPERTS, ExpertOffload, place_on_device
+from wanserve.engine.parallel.runtime import start_parallel_runtime
+from wanserve.engine.model.peak_memory import read_peak, reset_peak
+from wanserve.engine.model.pipeline import WanServePipeline, load_pipeline
+from wanserve.engine.model.random_weights import build_random_pipeline
+from wanserve.kernels.attention import select_backend
+
+log = logging.getLogger("wanserve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServedModel:
+    pipe: WanServePipeline
+    info: dict  # what each step did, for /health
+    vae_sharded: bool  # every rank takes part in the VAE encode and decode
+    offload: ExpertOffload | None = None
+    after_job: Callable[[], None] | None = None  # every rank, after every job
+    adapters: Adapters | None = None  # the per-request LoRA switch
+    features: ModelFeatures = ModelFeatures()  # what requests may ask of it
+
+
+def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
+                 ) -> tuple[WanServePipeline, dict]:
+    """The load step: a checkpoint's weights (for `random:NAME`, random ones built there) on
+    the device, and this rank's peak memory while loading: the host's resident high-water
+    mark and, on a GPU, the allocator's peak."""
+    host = torch.device("cpu")
+    reset_peak(host)
+    if ctx.device.type == "cuda":
+        reset_peak(ctx.device)
+    keep_on_host = EXPERTS if cfg.offload_inactive_expert else ()
+    if isinstance(model_path, RandomModel):
+        pipe, loaded = build_random_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
+                                             keep_on_host)
+    else:
+        pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device, keep_on_host)
+    peaks = {"host_mib": read_peak(host)[0]}
+    if ctx.device.type == "cuda":
+        peaks["device_mib"] = read_peak(ctx.device)[0]
+    loaded["peak_memory"] = {key: None if value is None else round(value, 1)
+                             for key, value in peaks.items()}
+    return pipe, loaded
+
+
+def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel) -> ServedModel:
+    """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
+    backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring,
+                             require=cfg.attention_backend)
+    pipe, loaded = load_weights(cfg, ctx, model_path)
+    # every rank's peak while loading, in rank order (rank 0 reports them all)
+    loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
+    placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
+    adapters, adapters_report = load_adapters(pipe, cfg, offload)
+    parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
+                                                 backend.xfuser_backend)
+    info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
+            "attention_reason": backend.reason, "load": loaded, "placement": placed,
+            "adapters": adapters_report, "parallel": parallel}
+    after_job = None
+    if ctx.device.type == "cpu":
+        info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
+    if ctx.is_driver:
+        log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
+                 parallel)
+    return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
+                       features_of(pipe))

@@ -1,0 +1,93 @@
+"""What every rank does with a request, and the loop of the ranks that do not serve HTTP."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+from wanserve.engine.adapters.lora import AdapterLoadError
+from wanserve.engine.assembly import ServedModel
+from wanserve.engine.parallel.distributed import DistContext, agree, broadcast_message, exit_without_teardown
+from wanserve.engine.serving.generate import generate
+from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
+
+log = logging.getLogger("wanserve.engine")
+
+Progress = Callable[[int, int], None]
+
+# Test-only: "RANK:STEP" makes that rank's job fail right after that denoising step
+# (tests/test_rank_failure.py), as an out-of-memory on one GPU would.
+_FAIL_AT = os.environ.get("WANSERVE_TEST_FAIL_AT")
+# Test-only: seconds every rank sleeps after each denoising step, so that a test's job is
+# surely still running when it acts on it, without burning the CPU the other ranks need.
+_STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
+
+
+def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
+                progress: Progress | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
+    """Runs on every rank of a replica; returns the frames on its leader, None elsewhere.
+
+    After every step the leader reports progress and all ranks agree on `cancelled()` (the
+    leader's answer) in one tiny collective, so a cancel stops every rank at the same step. The
+    VAE decode checks again before each latent frame: with a sharded VAE all ranks agree, with
+    the VAE on the leader alone it decides by itself.
+    """
+
+    def agreed() -> bool:
+        return agree(ctx, cancelled() if ctx.is_leader else False)
+
+    def on_step(done: int, total: int) -> bool:
+        if _FAIL_AT == f"{ctx.rank}:{done}":
+            raise RuntimeError(f"injected failure on rank {ctx.rank} after step {done}")
+        if _STEP_DELAY_S:
+            time.sleep(_STEP_DELAY_S)
+        if progress is not None:
+            progress(done, total)
+        return agreed()
+
+    # a sharded VAE decodes on every rank together; only rank 0 needs the frames
+    try:
+        result = generate(model.pipe, request, on_step, decode=ctx.is_leader or model.vae_sharded,
+                          frames=ctx.is_leader,
+                          decode_cancelled=agreed if model.vae_sharded else cancelled,
+                          adapters=model.adapters)
+    except JobCancelled as exc:  # at WARNING: the level every rank logs
+        log.warning("rank %d: %s", ctx.rank, exc)
+        raise
+    return result if ctx.is_leader else None
+
+
+def worker_loop(ctx: DistContext, model: ServedModel) -> None:
+    """The ranks of a replica other than its leader: receive → stop if told → generate, until
+    shutdown.
+
+    A job that fails on this rank ends the process: the other ranks may be waiting for it in a
+    collective of that job, and on NCCL there is no putting them back in step. They notice at
+    once that it is gone (rank 0 fails the job and stops the server; torchrun restarts the job
+    or the operator does) instead of waiting out the collective timeout."""
+    while True:
+        message = broadcast_message(ctx)
+        if isinstance(message, Shutdown):
+            log.info("rank %d: shutdown (%s)", ctx.rank, message.reason)
+            return
+        try:
+            run_request(ctx, model, message)
+        except JobCancelled:
+            pass  # run_request logged it
+        except AdapterLoadError as exc:  # every rank, before any collective of the job
+            log.warning("rank %d: job %s: %s", ctx.rank, message.job_id, exc)
+        except Exception as exc:
+            log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
+                      "in a known state", ctx.rank, message.job_id, exc)
+            exit_without_teardown(1)
+        end_of_job(ctx, model)
+
+
+def end_of_job(ctx: DistContext, model: ServedModel) -> None:
+    """One sync point after every job that all ranks must reach. A rank that died or is
+    stuck makes it raise (the step channel has a bounded timeout): the engine is broken."""
+    agree(ctx, False)
+    if model.after_job is not None:
+        model.after_job()

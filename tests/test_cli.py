@@ -6,7 +6,7 @@ import sys
 
 import requests
 
-from conftest import REPO, png_bytes
+from conftest import REPO, png_bytes, start_server
 from test_http_e2e import decode_frames, stream_info
 from test_jobs_lifecycle import QUICK, submit
 
@@ -85,3 +85,28 @@ def test_the_cli_starts_without_torch():
     code = "import sys, wanserve.api.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_a_job_that_fails_exits_1_with_the_servers_reason(tmp_path):
+    """The installed `wanserve` script against a server whose every job fails after its first
+    step (the test-only failure hook), and against a refused request: exit 1 both times, with
+    the server's message on stderr.
+    checked with: cmd_generate printing the failed job's reason and returning 0."""
+    image = tmp_path / "first.png"
+    image.write_bytes(png_bytes())
+    srv = start_server(tmp_path, env={"WANSERVE_TEST_FAIL_AT": "0:1"})
+    try:
+        script = str(REPO / ".venv/bin/wanserve")
+        proc = subprocess.run([script, "generate", str(image), "p", "--server", srv.url,
+                               "--size", "64x64", "--num-frames", "5", "--steps", "3",
+                               "-o", str(tmp_path / "never.mp4")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr
+        assert "failed: generation failed: injected failure on rank 0 after step 1" in proc.stderr
+        assert not (tmp_path / "never.mp4").exists()
+        refused = subprocess.run([script, "generate", str(image), "p", "--server", srv.url,
+                                  "--num-frames", "6"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert "wanserve: error:" in refused.stderr and "num_frames" in refused.stderr, refused.stderr
+    finally:
+        assert srv.stop() == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -42,6 +43,47 @@ def test_api_key_guards_v1_routes_but_not_health(keyed_server):
         assert status in (400, 404), (target, status)
         assert_client_error(status, body, target)
         assert b"root:" not in body
+
+
+def _routes() -> list[tuple[str, str]]:
+    """(method, path) of every route, from the app's own routing table (create_app), so that
+    a route added later is checked without anyone listing it here."""
+    from wanserve.api.app import create_app
+    from wanserve.engine.config import load_config
+
+    app = create_app(load_config(["--api-key", API_KEY]), None)
+    return sorted({(method, route.uri) for route in app.router.routes for method in route.methods})
+
+
+OPEN_ROUTES = {"/", "/health", "/metrics", "/openapi.json", "/static/<__file_uri__:path>"}
+CONTENT_VARIANTS = ("", "?variant=video", "?variant=thumbnail", "?variant=spritesheet")
+
+
+def test_every_v1_route_and_method_needs_the_key_and_only_those(keyed_server):
+    """Each (method, route) of /v1/ answers 401 `invalid_api_key` without the key or with a
+    wrong one, and something else with it; `/`, `/static/*` and `/health` answer without one.
+    checked with: the auth check skipping paths that end in "/events" (wanserve/api/app.py
+    `authenticate`): GET /v1/videos/{id}/events answered 404 without a key."""
+    srv = keyed_server
+    wait_ready(srv)
+    routes = _routes()
+    guarded = [(m, uri) for m, uri in routes if uri.startswith("/v1/")]
+    assert {uri for _, uri in routes} - {uri for _, uri in guarded} == OPEN_ROUTES
+    assert len(guarded) >= 8, guarded  # create, sync, list, retrieve, events, content, delete, models
+    for method, uri in guarded:
+        path = re.sub(r"<[^>]+>", "video_0000", uri)
+        for query in CONTENT_VARIANTS if uri.endswith("/content") else ("",):
+            target = path + query
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+                status, _, body = raw_request(srv, method, target, headers)
+                assert status == 401, (method, target, headers, status, body[:200])
+                assert json.loads(body)["error"]["code"] == "invalid_api_key", (method, target)
+            status, _, body = raw_request(srv, method, target,
+                                          {"Authorization": f"Bearer {API_KEY}"})
+            assert status != 401, (method, target, body[:200])
+    for target in ("/", "/health", "/static/playground.js"):
+        status, _, _ = raw_request(srv, "GET", target)
+        assert status == 200, (target, status)
 
 
 def test_client_that_vanishes_mid_upload_does_not_hurt_the_server(server):

@@ -118,3 +118,33 @@ def test_a_job_over_the_time_limit_fails_and_frees_the_engine(tmp_path):
         assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
     finally:
         assert srv.stop() == 0
+
+
+def test_a_queued_job_that_is_deleted_never_reaches_a_rank(server):
+    """DELETE of a job queued behind a running one: the engine drops it when it pops it. Seen
+    from what the engine did, not from the job row (a deleted job's row is gone, and updates to
+    it are dropped): the replica started one job, not two, and counted one cancel.
+    checked with: `cancel_or_delete` cancelling in the engine only jobs already `in_progress`
+    (wanserve/api/serving.py): replica 0 started 2 jobs."""
+    srv = server  # shared: read the counters as differences
+    health = requests.get(srv.url + "/health", timeout=5).json()
+    started = metric(srv, 'wanserve_replica_jobs_total{replica="0"}')
+    jobs_run = health["replicas"][0]["jobs_run"]
+    cancelled = metric(srv, CANCELLED)
+    running = submit(srv, SLOW).json()
+    wait_first_step(srv, running["id"])
+    queued = submit(srv, QUICK).json()
+    assert requests.get(f"{srv.url}/v1/videos/{queued['id']}", timeout=5).json()["status"] == "queued"
+    assert requests.delete(f"{srv.url}/v1/videos/{queued['id']}", timeout=5).json()["deleted"]
+    assert requests.delete(f"{srv.url}/v1/videos/{running['id']}", timeout=5).json()["deleted"]
+    # both cancels counted: the running job's at its next step, the queued one's when popped
+    deadline = time.monotonic() + 60
+    while metric(srv, CANCELLED) < cancelled + 2:
+        assert time.monotonic() < deadline, (
+            f"the engine counted {metric(srv, CANCELLED) - cancelled} cancels, not 2")
+        time.sleep(0.05)
+    health = requests.get(srv.url + "/health", timeout=5).json()
+    assert health["queue_depth"] == 0 and health["current_job"] is None
+    assert metric(srv, 'wanserve_replica_jobs_total{replica="0"}') == started + 1
+    assert health["replicas"][0]["jobs_run"] == jobs_run + 1
+    assert not logged_steps(srv, queued["id"])

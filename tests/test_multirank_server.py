@@ -26,8 +26,11 @@ def post(server, fields, prefer_async=False, timeout=300):
 
 @pytest.fixture(scope="module")
 def server2(tmp_path_factory):
+    # steps paced (0.1 s each) so that a client polling the job sees its progress move
+    # however loaded the machine is (unpaced, a loaded run saw only [0, 99])
     srv = start_server(tmp_path_factory.mktemp("server2"), "--ulysses", "2",
-                       "--collective-timeout", "30", nproc=2)
+                       "--collective-timeout", "30", nproc=2,
+                       env={"WANSERVE_TEST_STEP_DELAY": "0.1"})
     yield srv
     start = time.monotonic()
     code = srv.stop()

@@ -187,7 +187,9 @@ def _poll_across_restarts(nodes, job_id: str, timeout: float = 300) -> dict:
     """What a client does while the server restarts: retry until the job has ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert any(n.proc.poll() is None for n in nodes), "every launcher exited"
+        assert any(n.proc.poll() is None for n in nodes), (
+            f"every launcher exited {[n.proc.returncode for n in nodes]}:\n"
+            + "\n".join(f"--- node {i}:\n{n.log()[-6000:]}" for i, n in enumerate(nodes)))
         try:
             job = requests.get(f"{nodes[0].url}/v1/videos/{job_id}", timeout=5).json()
             if job.get("status") in ("completed", "failed", "cancelled"):

@@ -128,8 +128,12 @@ def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
     # the VAE is small next to the experts; float32 keeps encode and decode precise
     vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32,
                                            **where("vae"))
+    # use_kernels=False: transformers 5.25 swaps in Hugging Face hub kernels by default, fetched
+    # at load time (no network on most serving boxes; `meta` and other devices refused); the
+    # encoder runs as written, as on every other transformers release we support
     text_encoder = UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
-                                                    dtype=dtype, **where("text_encoder"))
+                                                    dtype=dtype, use_kernels=False,
+                                                    **where("text_encoder"))
     pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae,
                                             text_encoder=text_encoder, **experts)
     pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install lock browser test serve bench reliability flash-attn clean
+.PHONY: install lock upgrade browser test serve bench reliability flash-attn clean
 
 install: $(VENV)/.installed browser
 
@@ -53,14 +53,18 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(VPY) -m pip check
 	@touch $@
 
-# Upgrade every dependency to the newest that pyproject.toml's ranges allow, then run the suite
-# (README, "Development"). pip-compile runs from a venv of its own, with torch held at the CPU
-# build the suite runs on; tools/lock.py then drops torch and triton from the lock.
+# `make lock` regenerates requirements.lock from pyproject.toml, keeping every pin that still
+# fits (a new dependency gets the newest version its range allows); `make upgrade` moves every
+# pin to the newest allowed. Either one, then `make test` (README, "Installing and upgrading").
+# pip-compile runs from a venv of its own, with torch held at the CPU build the suite runs on;
+# tools/lock.py then drops torch and triton from the lock.
+upgrade: LOCK_FLAGS = --upgrade
+upgrade: lock
 lock:
 	@[ -x $(LOCK_VENV)/bin/pip-compile ] || { $(PYTHON) -m venv $(LOCK_VENV) && \
 	  $(LOCK_VENV)/bin/pip install -q pip==$(PIP_VERSION) $(PIP_TOOLS); }
 	@echo "torch==$(TORCH_VERSION)" > $(LOCK_VENV)/torch.txt
-	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --extra test --extra bench \
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet $(LOCK_FLAGS) --strip-extras --extra test --extra bench \
 	  --no-emit-index-url --no-emit-find-links --constraint $(LOCK_VENV)/torch.txt \
 	  --output-file $(LOCK) pyproject.toml
 	$(PYTHON) tools/lock.py strip $(LOCK)

@@ -4,9 +4,9 @@ for schemathesis 4.32).
 A schema-valid (positive) create request is made consistent where JSON Schema cannot say it:
 a real PNG as `input_reference`, `size` or `width`/`height` (not both, never one alone), a
 `size` of multiples of 16 within the limits, `num_frames` or `seconds` with seconds x fps
-within the frame limit, and `extra_params` a JSON object (carrying the seed when there is
-one). Every other value stays as generated, across the whole range the spec gives. Each
-positive create's status (and a refusal's body) is appended to $FUZZ_CREATES, one line each,
+within the frame limit, `extra_params` a JSON object (carrying the seed when there is
+one), and in a form a `cache` object as its JSON text. Every other value stays as generated,
+across the whole range the spec gives. Each positive create's status (and a refusal's body) is appended to $FUZZ_CREATES, one line each,
 for the test to count.
 
 $FUZZ_LIMITS is the server's limits as JSON (min_side, max_side, max_frames, fps).
@@ -71,6 +71,8 @@ def consistent(body: dict, multipart: bool, lim: dict) -> dict:
     if "extra_params" in body:
         extra = {"seed": body.pop("seed")} if "seed" in body else {}
         body["extra_params"] = json.dumps(extra) if multipart else extra
+    if multipart and isinstance(body.get("cache"), dict):  # a form carries it as JSON text
+        body["cache"] = json.dumps(body["cache"])
     return body
 
 

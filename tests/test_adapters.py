@@ -168,3 +168,45 @@ def test_parallel_layout_with_adapters_equals_one_rank(single, files, tmp_path, 
     if 6 in indices:
         distilled = report["runs"][indices.index(6)]
         assert distilled["forwards"] == [1, 1, 1, 1]  # guidance 1, under CFG parallel too
+
+
+def test_bias_deltas_on_some_layers_equal_explicit_zero_deltas(tmp_path):
+    """An original-Wan LoRA whose `diff_b` bias deltas cover block 0 and the head but not block
+    1 serves, and equals the same LoRA with explicit zero deltas on block 1 (a missing delta is
+    zero); its deltas count (it differs from the LoRA without any).
+    Checked with: `_zero_missing_bias_deltas` returning the state dict unchanged (diffusers
+    then leaves block 1's `lora_B.bias` on the meta device and start-up refuses the file)."""
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
+
+    model = ensure_tiny_model()
+    lora = with_bias_and_head(model, make_lora(model, 5), 6)
+    partial = {m: v if not m.startswith("blocks.1.") else v[:2] for m, v in lora.items()}
+    zeros = {m: v if not m.startswith("blocks.1.") else (*v[:2], v[2] * 0)
+             for m, v in lora.items()}
+    plain = {m: v[:2] for m, v in lora.items() if m != "proj_out"}
+    flags = []
+    for name, weights in (("P", partial), ("Z", zeros), ("N", plain)):
+        flags += ["--lora", f"{name}={write_original_wan(weights, tmp_path / f'{name}.safetensors')}"]
+    frames, _ = run(tmp_path, [{"seed": 1, "lora": n} for n in "PZN"], 1, *flags)
+    assert max_diff(frames[0], frames[1]) == 0.0
+    assert max_diff(frames[0], frames[2]) > 0.05
+
+
+def test_an_adapter_that_cannot_run_is_refused_at_start_up_naming_the_file(tmp_path):
+    """A diffusers-format file with one layer's `lora_A` but not its `lora_B` loads in diffusers
+    0.42.1 with that `lora_B` on the meta device: the server refuses it at start-up, naming the
+    file, instead of answering 500 to every request that uses it.
+    Checked with: `_check_runnable` returning at once (the server started)."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import start_server
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
+
+    path = write_diffusers(make_lora(ensure_tiny_model(), 5), tmp_path / "broken.safetensors")
+    weights = load_file(str(path))
+    del weights["transformer.blocks.1.attn1.to_q.lora_B.weight"]
+    save_file(weights, str(path))
+    with pytest.raises(RuntimeError, match="server exited") as failed:
+        start_server(tmp_path, "--lora", f"broken={path}")
+    assert f"LoRA file {path}:" in str(failed.value)
+    assert "blocks.1.attn1.to_q.lora_B.broken.weight on meta" in str(failed.value)

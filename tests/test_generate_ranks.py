@@ -22,7 +22,8 @@ def test_only_rank_0_postprocesses_the_decoded_video():
     from conftest import torchrun_script
 
     per_rank = torchrun_script(__file__, 2)
-    assert per_rank == [{"decodes": 1, "postprocessed": 1, "frames": [5, 64, 64, 3]},
+    # rank 0 post-processes each decoder call's frames as they come: 5 frames, 2 calls (1 + 4)
+    assert per_rank == [{"decodes": 1, "postprocessed": 2, "frames": [5, 64, 64, 3]},
                         {"decodes": 1, "postprocessed": 0, "frames": None}]
 
 

@@ -70,8 +70,8 @@ def test_the_job_reports_inference_time_stages_and_peak_memory(server):
     job = requests.get(f"{server.url}/v1/videos/{body['id']}", timeout=5).json()
     for view in (body, job):
         assert view["inference_time_s"] == view["timings"]["generate_total"] > 0
-        assert set(view["stage_durations"]) == set(view["timings"]) - {"step_mean",
-                                                                      "generate_total"}
+        assert set(view["stage_durations"]) == set(view["timings"]) - {
+            "step_mean", "generate_total", "mp4_after_decode", "mp4_chunks"}  # overlap, a count
         assert {"text_encode", "denoise", "vae_decode", "mp4_encode"} <= set(view["stage_durations"])
         assert view["peak_memory_kind"] == "cpu_rss_high_water"
         assert 50 < view["peak_memory_mb"] < 64 * 1024

@@ -269,3 +269,21 @@ def test_a_long_job_cancelled_from_the_list_ends_cancelled(page, server, tmp_pat
     resp = requests.get(f"{server.url}/v1/videos/{job_id}", timeout=10,
                         headers={"Authorization": f"Bearer {KEY}"})
     assert resp.status_code == 404  # DELETE cancels, then deletes
+
+
+def test_the_job_list_shows_each_completed_jobs_thumbnail(page, server):
+    """The list's thumbnail is the job's `variant=thumbnail`, fetched with the key.
+    Checked with: `thumbnailCell` fetching with plain `fetch` (no key): the image never loaded."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    job = requests.post(server.url + "/v1/videos", headers=auth, timeout=JOB_TIMEOUT_S,
+                        data={"prompt": "x", "size": "176x96", "num_frames": 5,
+                              "num_inference_steps": 1},
+                        files={"input_reference": png_bytes(176, 96)}).json()
+    assert job["status"] == "completed", job
+    by_id(page, "refresh").click()
+    shown = ("const row = document.querySelector(`#jobs tr[data-id='${arguments[0]}']`);"
+             "const img = row && row.querySelector('img.thumbnail');"
+             "return img && img.complete && img.naturalWidth ? "
+             "[img.naturalWidth, img.naturalHeight, img.src.slice(0, 5)] : null")
+    until(page, lambda d: d.execute_script(shown, job["id"]), what="no thumbnail in the list")
+    assert page.execute_script(shown, job["id"]) == [176, 96, "blob:"]

@@ -15,17 +15,17 @@ from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
 from sanic.response import HTTPResponse, file, json, raw
 
+from wanserve.api import previews
 from wanserve.api.capabilities import model_capabilities
 from wanserve.api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from wanserve.api.events import follow
 from wanserve.api.openapi import openapi_spec
+from wanserve.api.sdk_forms import nest_bracketed
 from wanserve.api.serving import VideoService, validate_listing
 from wanserve.engine.config import ServerConfig
 from wanserve.engine.model.features import ModelFeatures
 
-POLL_AFTER_MS = "500"
-POLL_HEADERS = {"openai-poll-after-ms": POLL_AFTER_MS}
 STATIC_DIR = Path(__file__).parent / "static"  # the playground: no build step, no key needed
 
 
@@ -76,7 +76,7 @@ def _fields_and_files(request: Request) -> tuple[dict, dict[str, bytes]]:
         return _json_object(body), {}
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form, files = _form(body, ctype, params)
-        fields = {key: values[0] for key, values in form.items()}
+        fields = nest_bracketed({key: values[0] for key, values in form.items()})
         uploads = {name: parts[0].body for name, parts in files.items() if parts}
         for name in uploads:
             fields.pop(name, None)
@@ -150,9 +150,9 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         job = await loop.run_in_executor(None, service.create_job, fields, files)
         if "respond-async" in request.headers.get("prefer", "").lower():
             return json(job.public(), status=202,
-                        headers={**POLL_HEADERS, "Preference-Applied": "respond-async"})
+                        headers={**service.poll_headers(job), "Preference-Applied": "respond-async"})
         if cfg.create_response == "async":  # vLLM-Omni's answer: the queued job, 200
-            return json(job.public(), headers=POLL_HEADERS)
+            return json(job.public(), headers=service.poll_headers(job))
         job = await service.wait_for_caller(job.id)
         body = await loop.run_in_executor(None, service.sync_body, job)
         return raw(jsonlib.dumps(body).encode(), content_type="application/json")
@@ -180,7 +180,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.get("/v1/videos/<video_id:str>")
     async def get_video(request: Request, video_id: str):
-        return json(service.get_job(video_id).public(), headers=POLL_HEADERS)
+        job = service.get_job(video_id)
+        return json(job.public(), headers=service.poll_headers(job))
 
     @app.get("/v1/videos/<video_id:str>/events")
     async def video_events(request: Request, video_id: str):
@@ -201,15 +202,23 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
     @app.get("/v1/videos/<video_id:str>/content")
     async def video_content(request: Request, video_id: str):
         variant = request.args.get("variant", "video")
-        if variant != "video":
-            raise InvalidRequest(f"variant {variant!r} is not available; only 'video'",
-                                 param="variant", code="invalid_value")
+        if variant not in previews.VARIANTS:
+            raise InvalidRequest(f"`variant` must be one of {', '.join(previews.VARIANTS)}; got "
+                                 f"{variant!r}", param="variant", code="invalid_value")
         job = service.get_job(video_id)
         path = service.store.video_path(job)
         if job.status != "completed" or path is None or not path.exists():
             raise APIError(f"video {video_id} is {job.status}, no content to download",
                            param="video_id", code="video_not_ready", status=404)
-        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        loop = asyncio.get_running_loop()
+        if variant == "thumbnail":
+            image = await loop.run_in_executor(None, previews.thumbnail, path, job.num_frames)
+            return raw(image, content_type=previews.THUMBNAIL_TYPE)
+        if variant == "spritesheet":
+            sheet = await loop.run_in_executor(None, previews.spritesheet, path, job.num_frames)
+            return raw(sheet.image, content_type=previews.SPRITE_TYPE,
+                       headers=previews.sprite_headers(sheet))
+        data = await loop.run_in_executor(None, path.read_bytes)
         headers = {"Accept-Ranges": "bytes"}
         span = _byte_range(request.headers.get("range"), len(data))
         if span is None:

@@ -44,4 +44,6 @@ def model_capabilities(cfg: ServerConfig,
                            max_pixels=lim.max_pixels, max_frames=lim.max_frames,
                            max_fps=lim.max_fps, max_steps=lim.max_steps,
                            max_prompt_chars=lim.max_prompt_chars,
-                           max_upload_bytes=lim.max_upload_bytes))
+                           max_upload_bytes=lim.max_upload_bytes),
+        cache_presets=list(cfg.cache.presets) if cfg.cache.policy != "off" else [],
+        cache_default=cfg.cache.default)

@@ -133,7 +133,8 @@ def cmd_generate(client: Client, args) -> int:
     for name, value in (("size", args.size), ("num_frames", args.num_frames),
                         ("num_inference_steps", args.steps), ("seed", args.seed),
                         ("negative_prompt", args.negative_prompt), ("fps", args.fps),
-                        ("quality", args.quality), ("model", args.model)):
+                        ("quality", args.quality), ("model", args.model),
+                        ("cache", args.cache)):
         if value is not None:
             fields[name] = str(value)
     body, ctype = multipart(fields, files)
@@ -155,6 +156,12 @@ def cmd_generate(client: Client, args) -> int:
     size = client.download(f"/v1/videos/{video_id}/content", out)
     print(f"{out}: {size} bytes, {video_id}, seed {job['seed']}, "
           f"{job.get('inference_time_s') or 0:.1f}s")
+    cache = job.get("cache")
+    if cache and cache.get("preset") != "off":
+        counts = {kind: ", ".join(f"{expert} {n}" for expert, n in cache[kind].items())
+                  for kind in ("computed", "cached")}
+        print(f"step cache {cache['preset']}: computed {counts['computed']}; cached "
+              f"{counts['cached']}", file=sys.stderr)
     return 0
 
 
@@ -202,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt")
     gen.add_argument("--fps", type=int)
     gen.add_argument("--quality", choices=["high", "lossless"])
+    gen.add_argument("--cache", metavar="PRESET", help="the step cache: off, a preset of the "
+                     "server (the presets shipped: fast, balanced, quality; /health lists them) "
+                     "or a JSON object (README, 'The step cache'); default: the server's")
     gen.add_argument("--model")
     gen.set_defaults(run=cmd_generate)
     ls = commands.add_parser("list", parents=[common], help="the most recent videos")

@@ -26,9 +26,9 @@ TERMINAL = ("completed", "failed", "cancelled")
 _COLUMNS = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at", "model",
             "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
             "error_message", "timings", "video_file", "num_inference_steps", "quality",
-            "peak_memory_mb", "peak_memory_kind", "attempts", "last_error")
+            "peak_memory_mb", "peak_memory_kind", "attempts", "last_error", "cache")
 # timings that are not a stage of their own (a mean, a total)
-_NOT_STAGES = ("step_mean", "generate_total")
+_NOT_STAGES = ("step_mean", "generate_total", "mp4_after_decode", "mp4_chunks")  # not own stages
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Job:
     peak_memory_kind: str | None = None
     attempts: int = 0  # times the engine started it
     last_error: str | None = None  # why its last attempt ended without an end (not public)
+    cache: dict | None = None  # the step cache's report (policy, preset, computed, cached)
     created_ns: int = field(default_factory=time.time_ns)  # total order for listing
 
     def public(self) -> dict:
@@ -120,6 +121,7 @@ class JobStore:
     def _write(self, job: Job) -> None:
         row = asdict(job)
         row["timings"] = json.dumps(job.timings)
+        row["cache"] = None if job.cache is None else json.dumps(job.cache)
         placeholders = ", ".join("?" for _ in _COLUMNS)
         self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES "
                          f"({placeholders})", [row[c] for c in _COLUMNS])
@@ -128,6 +130,7 @@ class JobStore:
     def _from_row(row) -> Job:
         values = dict(zip(_COLUMNS, row))
         values["timings"] = json.loads(values["timings"] or "{}")
+        values["cache"] = json.loads(values["cache"]) if values["cache"] else None
         values["quality"] = values["quality"] or "high"
         values["attempts"] = values["attempts"] or 0
         return Job(**values)
@@ -212,6 +215,12 @@ class JobStore:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id=?",
                                    (job_id,)).fetchone()
         return self._from_row(row) if row else None
+
+    def steps_queued_before(self, job: Job) -> list[int]:
+        """The steps of each live job still queued that was created before `job`."""
+        with self._lock:
+            return [other.num_inference_steps or 0 for other in self._live.values()
+                    if other.status == "queued" and other.created_ns < job.created_ns]
 
     def video_path(self, job: Job) -> Path | None:
         return self.video_dir / job.video_file if job.video_file else None

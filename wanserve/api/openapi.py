@@ -1,8 +1,10 @@
 """The served OpenAPI 3.1 document, built from the protocol models."""
 from __future__ import annotations
 
+from wanserve.api.previews import SPRITE_TYPE, THUMBNAIL_TYPE, VARIANTS
 from wanserve.api.protocol import ModelCapabilities, VideoCreateParams, VideoEvent, VideoJob
 from wanserve.engine.config import ServerConfig
+from wanserve.engine.model.step_cache import CacheSettings
 from wanserve.engine.model.features import ModelFeatures
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -42,6 +44,11 @@ _HEALTH = {
         "queue_depth": {"type": "integer", "minimum": 0}, "current_job": _NULLABLE_STRING,
         "error": {"type": "string"}, "expert_swaps": {"type": "integer"}}}
 _MP4 = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+_IMAGES = {kind: {"schema": {"type": "string", "format": "binary"}}
+           for kind in (THUMBNAIL_TYPE, SPRITE_TYPE)}
+_SPRITE_HEADERS = {name: {"description": "spritesheet only", "schema": {"type": "string"}}
+                   for name in ("X-Sprite-Columns", "X-Sprite-Rows", "X-Sprite-Tile-Width",
+                                "X-Sprite-Tile-Height", "X-Sprite-Frames")}
 # a character Python's str.strip() keeps (the server strips the prompt before checking it)
 _NOT_SPACE = r"[^\t-\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 # one server-sent event (the schema of a text/event-stream describes each event before 3.2)
@@ -49,6 +56,28 @@ _SSE = {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "contentMediaType": "application/json",
              "contentSchema": {"$ref": REF.format(model="VideoEvent")}},
     "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def cache_schema(settings: CacheSettings, blocks: int) -> dict:
+    """`cache`: off, a preset, or an object; its bounds keep Fn + Bn below the block count."""
+    if settings.policy == "off":
+        return {"const": "off", "description": "the step cache is off on this server"}
+    expert = {"type": "object", "additionalProperties": False, "properties": {
+        "mask": {"type": "string", "pattern": "^(slow|medium|fast|ultra|[01]{1,1000})$"},
+        "warmup": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "threshold": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}}}
+    bn = (blocks - 1) // 2
+    names = ["off", *settings.presets]
+    return {"anyOf": [{"enum": names}, {
+        "type": "object", "additionalProperties": False, "properties": {
+            "preset": {"enum": list(settings.presets)} if settings.presets else {"not": {}},
+            "Fn": {"type": "integer", "minimum": 1, "maximum": max(1, blocks - 1 - bn)},
+            "Bn": {"type": "integer", "minimum": 0, "maximum": bn},
+            "high": expert, "low": expert}}],
+        "description": "the step cache (cache-dit): off, a preset of this server "
+        f"({', '.join(names)}), or an object with its keys (per expert: mask, warmup, "
+        f"threshold; Fn + Bn below {blocks}, the blocks of an expert); absent: "
+        f"`{settings.default}`. The job reports the steps computed and cached"}
 
 
 def _create_schema(cfg: ServerConfig, features: ModelFeatures) -> dict:
@@ -93,6 +122,7 @@ def _create_schema(cfg: ServerConfig, features: ModelFeatures) -> dict:
                          "the default"}
     else:
         props["lora"] = {"const": "none", "description": "no adapters are registered here"}
+    props["cache"] = cache_schema(cfg.cache, features.blocks)
     props["input_reference"] = {**props["input_reference"], "description": (
         "the first frame: a data: URL, bare base64 or {\"image_url\": ...}" +
         ("" if lim.require_image or not features.text_to_video else
@@ -192,8 +222,13 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
             "/v1/videos/{video_id}/content": {
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",
                                                   # empty is absent, as for every field
-                                                  "schema": {"enum": ["video", ""]}}],
-                        "responses": {"200": {"description": "the MP4", "content": _MP4},
+                                                  "schema": {"enum": [*VARIANTS, ""]}}],
+                        "responses": {"200": {"description": "the MP4 (`video`, the default); "
+                                              "the middle frame as WebP (`thumbnail`); evenly "
+                                              "spaced frames in one JPEG grid (`spritesheet`, "
+                                              "layout in the X-Sprite-* headers)",
+                                              "content": {**_MP4, **_IMAGES},
+                                              "headers": _SPRITE_HEADERS},
                                       "206": {"description": "a byte range of the MP4",
                                               "content": _MP4},
                                       **_errors(400, 401, 404, 416)}},

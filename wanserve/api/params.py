@@ -21,6 +21,7 @@ from wanserve.engine.adapters.choice import resolve_lora
 from wanserve.engine.adapters.lora import AdapterError
 from wanserve.engine.config import ServerConfig
 from wanserve.engine.model.features import ModelFeatures
+from wanserve.engine.model.step_cache import CacheChoice, CacheChoiceError, resolve_choice
 from wanserve.engine.serving.request import GenerationRequest
 
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
@@ -191,6 +192,28 @@ def _refuse_unused(p: VideoCreateParams, features: ModelFeatures, last_frame: bo
                                      code="unsupported_parameter")
 
 
+def _cache_of(p: VideoCreateParams, cfg: ServerConfig, features: ModelFeatures
+              ) -> CacheChoice | None:
+    """`cache`: "off", a preset name, or an object (in a form: its JSON text); absent: the
+    server's default."""
+    value = p.cache
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest(f"`cache` is not valid JSON: {exc}", param="cache",
+                                 code="invalid_value") from None
+    try:
+        choice = resolve_choice(value, cfg.cache)
+        if choice is not None and choice.Fn + choice.Bn >= features.blocks:
+            raise CacheChoiceError(f"Fn + Bn ({choice.Fn} + {choice.Bn}) must leave a block to "
+                                   f"cache; each expert has {features.blocks}")
+    except CacheChoiceError as exc:
+        raise InvalidRequest(f"invalid `cache`: {exc}", param="cache",
+                             code="invalid_value") from None
+    return choice
+
+
 def _guidance_2(p: VideoCreateParams, cfg: ServerConfig, features: ModelFeatures) -> float | None:
     if features.experts == 1:
         return None
@@ -228,6 +251,7 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         lora = resolve_lora(p.lora, cfg)
     except AdapterError as exc:
         raise InvalidRequest(str(exc), param="lora", code="invalid_lora") from None
+    cache = _cache_of(p, cfg, features)
     fps = _in_range(p.fps if p.fps is not None else d.fps, "fps", 1, lim.max_fps)
     num_frames = _resolve_frames(p, cfg, fps)
     if last_frame is not None and num_frames < 5:
@@ -261,4 +285,5 @@ def resolve_request(job_id: str, p: VideoCreateParams, image_bytes: bytes | None
         seed=p.seed if p.seed is not None else secrets.randbelow(2**31),
         sample_solver=p.sample_solver or d.sample_solver,
         lora=lora,
+        cache=cache,
     )

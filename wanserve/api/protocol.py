@@ -38,6 +38,7 @@ class VideoCreateParams(BaseModel):
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     sample_solver: Optional[Literal["unipc", "euler"]] = None
     lora: Optional[Any] = None  # wanserve/engine/adapters/choice.py says what it may be
+    cache: Optional[Any] = None  # wanserve/engine/model/step_cache.py says what it may be
     quality: Optional[Quality] = Field(
         default=None, description="`high` (H.264 yuv420p, the default) or `lossless` (H.264 RGB "
         "at qp 0: the decoded frames are the generated ones, bit for bit)")
@@ -60,8 +61,8 @@ class VideoCreateParams(BaseModel):
         if isinstance(value, dict):
             if value.get("image_url"):
                 return value["image_url"]
-            raise ValueError("only `image_url` (a data: URL or base64) is supported; "
-                             "`file_id` references are not")
+            raise ValueError("only {\"image_url\": ...} (a data: URL or base64) is supported; "
+                             "`file_id` references are not, as this server has no Files API")
         return value
 
     @field_validator("*", mode="before")
@@ -107,6 +108,9 @@ class VideoJob(BaseModel):
     peak_memory_kind: Optional[Literal["cuda_max_allocated", "cpu_rss_high_water"]] = None
     attempts: int = Field(default=0, description="times the engine started the job: a restart "
                           "runs an interrupted job again, at most `server.max_attempts` times")
+    cache: Optional[dict[str, Any]] = Field(
+        default=None, description="the step cache: {policy, preset, computed: {high, low}, "
+        "cached: {high, low}} (steps per expert; one-expert models: high only)")
 
 
 class VideoEvent(BaseModel):
@@ -154,3 +158,6 @@ class ModelCapabilities(BaseModel):
                              "pixel area")
     defaults: ModelDefaults
     limits: ModelLimits
+    cache_presets: list[str] = Field(default_factory=list, description="the step cache's "
+                                     "presets a request's `cache` may name (with `off`)")
+    cache_default: str = Field(default="off", description="the `cache` of a request without one")

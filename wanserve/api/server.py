@@ -26,6 +26,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
     service = VideoService(cfg, store, Metrics(lambda: engine.queue_depth))
     engine = Engine(ctx, load_model, service, cfg.max_queue, cfg.job_timeout_s)
     service.engine = engine
+    service.metrics.watch_prompt_cache(lambda: engine.prompt_cache_counts)
     app = create_app(cfg, service)
 
     @app.before_server_start

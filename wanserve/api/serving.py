@@ -1,7 +1,8 @@
 """The video service: jobs in, engine events out. No HTTP here (routes live in wanserve/api/app.py).
 
-Engine events arrive on the engine thread; MP4 encoding runs on this service's own executor,
-so the engine thread is free for the next job while the previous one is being encoded.
+Engine events arrive on the engine thread; each job's MP4 is encoded on a thread of its own as
+the VAE decodes its frames (wanserve/api/mp4_stream.py) and finished and stored on this service's
+own executor, so the engine thread is free for the next job while the previous one is stored.
 
 A stop loses no job: one the engine gives back unfinished because the server stops, or because a
 rank broke and the engine stops for a restart, goes back to `queued` with its inputs kept, and
@@ -23,7 +24,9 @@ from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed, 
                         RateLimited)
 from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
 from wanserve.api.metrics import Metrics
+from wanserve.api.pacing import PollPacer
 from wanserve.api.params import parse_params, resolve_request
+from wanserve.api.mp4_stream import StreamedMp4
 from wanserve.api.video import encode_mp4
 from wanserve.engine.config import ServerConfig
 from wanserve.engine.serving.engine import Engine, QueueFull
@@ -47,8 +50,10 @@ class VideoService:
         self._steps: dict[str, int] = {}  # steps done by the running job
         self._replicas: dict[str, str] = {}  # the replica running each job (a metrics label)
         self.events = EventHub()
+        self.pacer = PollPacer()
         self.stopping = False
         self._encoding: set[str] = set()  # generated, MP4 being written: answered when stored
+        self._streams: dict[str, StreamedMp4] = {}  # MP4s encoded while their job decodes
         self.resuming = False  # jobs from before a restart still going back into the queue
 
     # --- requests (event loop) ------------------------------------------------------------
@@ -150,6 +155,15 @@ class VideoService:
             raise NotFound(f"no video with id {job_id!r}", param="video_id", code="video_not_found")
         return job
 
+    def poll_headers(self, job: Job) -> dict[str, str]:
+        """`openai-poll-after-ms` for a job still to be polled (wanserve/api/pacing.py)."""
+        if job.status in TERMINAL:
+            return {}
+        replicas = len(self.engine.replicas) if self.engine is not None else 1
+        wait = self.pacer.poll_after_ms(job.id, job.status, self.store.steps_queued_before(job),
+                                        replicas)
+        return {"openai-poll-after-ms": str(wait)}
+
     def cancel_or_delete(self, job_id: str) -> dict:
         job = self.get_job(job_id)
         if job.status not in TERMINAL:
@@ -178,6 +192,7 @@ class VideoService:
 
     def on_started(self, job_id: str) -> None:
         self._started[job_id] = self._last_step[job_id] = time.perf_counter()
+        self.pacer.started(job_id)
         self._replicas[job_id] = replica = self._replica(job_id)
         self.metrics.replica_jobs.labels(replica).inc()
         job = self.store.get(job_id)
@@ -188,6 +203,7 @@ class VideoService:
         now = time.perf_counter()
         self.metrics.step_seconds.labels(self._replicas.get(job_id, "0")).observe(
             now - self._last_step.get(job_id, now))
+        self.pacer.stepped(job_id, done, total, now - self._last_step.get(job_id, now))
         self._last_step[job_id] = now
         self._steps[job_id] = done
         job = self.store.update(job_id, persist=False, progress=min(99, 100 * done // total))
@@ -196,6 +212,15 @@ class VideoService:
                                          "progress": job.progress, "step": done,
                                          "total_steps": total})
             log.info("job %s [%-20s] step %d/%d", job_id, "#" * (20 * done // total), done, total)
+
+    def frame_sink(self, job_id: str) -> StreamedMp4 | None:
+        """The job's MP4, encoded on a thread of its own as the VAE decodes its frames."""
+        job = self.store.get(job_id)
+        if job is None or job.status in TERMINAL:
+            return None
+        self._streams[job_id] = stream = StreamedMp4(job.fps, quality=job.quality,
+                                                     preset=self.cfg.mp4_preset)
+        return stream
 
     def on_finished(self, job_id: str, result: GenerationResult) -> None:
         self._encoding.add(job_id)
@@ -207,9 +232,19 @@ class VideoService:
             return self._resolve(job_id)
         try:
             start = time.perf_counter()
-            data = encode_mp4(result.frames, job.fps, quality=job.quality)
+            stream = self._streams.pop(job_id, None)
+            if stream is not None:  # every frame was put as it was decoded
+                data, encode_s = stream.finish(), stream.encode_s
+            else:
+                data = encode_mp4(result.frames, job.fps, quality=job.quality,
+                                  preset=self.cfg.mp4_preset)
+                encode_s = time.perf_counter() - start
             timings = {k: round(v, 4) for k, v in result.timings.items()}
-            timings["mp4_encode"] = round(time.perf_counter() - start, 4)
+            timings["mp4_encode"] = round(encode_s, 4)
+            if stream is not None:
+                timings["mp4_chunks"] = stream.chunks
+            # what the encode added after the decode ended (the rest overlapped it)
+            timings["mp4_after_decode"] = round(time.perf_counter() - start, 4)
             video_file = self.store.save_video(job_id, data)
         except Exception as exc:
             log.exception("job %s: could not store the video", job_id)
@@ -219,8 +254,12 @@ class VideoService:
                           expires_at=int(now + self.store.ttl_s), timings=timings,
                           video_file=video_file, peak_memory_kind=result.peak_memory_kind,
                           peak_memory_mb=(round(result.peak_memory_mb, 1)
-                                          if result.peak_memory_mb is not None else None))
+                                          if result.peak_memory_mb is not None else None),
+                          cache=result.cache)
         self.metrics.jobs.labels("completed").inc()
+        for kind in ("computed", "cached"):
+            for expert, n in ((result.cache or {}).get(kind) or {}).items():
+                self.metrics.cache_steps.labels(expert, kind).inc(n)
         self.metrics.job_seconds.labels(self._replicas.pop(job_id, "0")).observe(
             time.perf_counter() - self._started.pop(job_id, start))
         log.info("job %s completed (%s)", job_id, timings)
@@ -279,9 +318,13 @@ class VideoService:
         if job is not None:
             self.events.publish(job_id, self.event_of(job))
         self._steps.pop(job_id, None)
+        self.pacer.ended(job_id)
         self._last_step.pop(job_id, None)
         self._replicas.pop(job_id, None)
         self._encoding.discard(job_id)
+        stream = self._streams.pop(job_id, None)
+        if stream is not None:  # the job ended without a video
+            stream.abort()
         future = self._waiters.pop(job_id, None)
         if future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))

@@ -10,6 +10,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from wanserve.engine.config import DEFAULT_MP4_PRESET as DEFAULT_PRESET
+
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -23,43 +25,91 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
     raise ValueError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
 
 
-def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18, quality: str = "high") -> bytes:
+def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18, quality: str = "high",
+               preset: str = DEFAULT_PRESET) -> bytes:
     """Encode (F, H, W, 3) frames as an H.264 MP4 with the moov atom up front."""
-    if quality not in ("high", "lossless"):
-        raise ValueError(f"quality must be 'high' or 'lossless', got {quality!r}")
-    pixels = _to_uint8(np.asarray(frames))
-    _, height, width, _ = pixels.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    rate = Fraction(fps)
-    # The mp4 muxer implements +faststart by reopening the output *by name* after writing,
-    # so an in-memory BytesIO target fails on close ("No such file or directory: '<none>'").
-    # Hence a real temporary file.
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-        with av.open(tmp.name, mode="w", format="mp4",
-                     options={"movflags": "+faststart"}) as container:
-            lossless = quality == "lossless"
-            # yuv444p at qp 0 would still round in the RGB -> YUV conversion: RGB it is
-            stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=rate)
-            stream.width = width
-            stream.height = height
-            stream.pix_fmt = "rgb24" if lossless else "yuv420p"
-            # mbtree=0: with macroblock-tree rate control this libx264 build (PyAV 18's FFmpeg)
-            # encoded identical frames differently from run to run; same seed must mean the
-            # same video, and the quality cost at crf 18 is small.
-            stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
-            if lossless:
-                stream.options = {"qp": "0", "preset": "medium"}
-            for index, pixel_frame in enumerate(pixels):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixel_frame),
-                                                   format="rgb24")
-                frame.pts = index
-                frame.time_base = 1 / rate
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))  # flush delayed (B-)frames
-        return Path(tmp.name).read_bytes()
+    writer = Mp4Writer(fps, crf=crf, quality=quality, preset=preset)
+    try:
+        writer.add(frames)
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+class Mp4Writer:
+    """The encoder of `encode_mp4`, fed a chunk of frames at a time: the same frames in any
+    chunks give the same bytes as `encode_mp4` (wanserve/api/mp4_stream.py feeds it while the
+    VAE decodes). Not thread-safe: one thread adds and finishes."""
+
+    def __init__(self, fps: int, *, crf: int = 18, quality: str = "high",
+                 preset: str = DEFAULT_PRESET):
+        if quality not in ("high", "lossless"):
+            raise ValueError(f"quality must be 'high' or 'lossless', got {quality!r}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.rate = Fraction(fps)
+        self.quality, self.crf, self.preset = quality, crf, preset
+        self._tmp = None
+        self._container = self._stream = None
+        self._count = 0
+
+    def _open(self, width: int, height: int) -> None:
+        if height % 2 or width % 2:
+            raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
+        # The mp4 muxer implements +faststart by reopening the output *by name* after writing,
+        # so an in-memory BytesIO target fails on close ("No such file or directory: '<none>'").
+        # Hence a real temporary file.
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".mp4")
+        self._container = av.open(self._tmp.name, mode="w", format="mp4",
+                                  options={"movflags": "+faststart"})
+        lossless = self.quality == "lossless"
+        # yuv444p at qp 0 would still round in the RGB -> YUV conversion: RGB it is
+        stream = self._container.add_stream("libx264rgb" if lossless else "libx264",
+                                            rate=self.rate)
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
+        # mbtree=0: with macroblock-tree rate control this libx264 build (PyAV 18's FFmpeg)
+        # encoded identical frames differently from run to run; same seed must mean the
+        # same video, and the quality cost at crf 18 is small.
+        stream.options = {"crf": str(self.crf), "preset": self.preset,
+                          "x264-params": "mbtree=0"}
+        if lossless:  # the preset changes the size here, never the frames
+            stream.options = {"qp": "0", "preset": "medium"}
+        self._stream = stream
+
+    def add(self, frames: np.ndarray) -> None:
+        pixels = _to_uint8(np.asarray(frames))
+        _, height, width, _ = pixels.shape
+        if self._stream is None:
+            self._open(width, height)
+        elif (width, height) != (self._stream.width, self._stream.height):
+            raise ValueError(f"frames of {width}x{height} after frames of "
+                             f"{self._stream.width}x{self._stream.height}")
+        for pixel_frame in pixels:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixel_frame), format="rgb24")
+            frame.pts = self._count
+            frame.time_base = 1 / self.rate
+            self._container.mux(self._stream.encode(frame))
+            self._count += 1
+
+    def finish(self) -> bytes:
+        """Flush the delayed (B-)frames, write the file and return its bytes."""
+        if self._stream is None:
+            raise ValueError("frames is empty")
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        self._container = None
+        return Path(self._tmp.name).read_bytes()
+
+    def close(self) -> None:
+        """Drop what was written (after `finish`, or instead of it)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
 
 
 def probe_mp4(data: bytes) -> dict:

@@ -1,11 +1,12 @@
 """Building the served model on one rank: the same ordered steps on every rank.
 
     load weights (or build random ones) → place on the device → adapters (LoRA)
-    → parallel runtime → CPU tuning (CPU only) → what runs where
+    → sharded experts (--shard-weights) → step cache (cache-dit) → parallel runtime
+    → CPU tuning (CPU only) → what runs where
 
-A step cache and compiled blocks go between the adapters and the parallel runtime, in that
-order. Each step is one function in the module that owns it and returns what it did;
-`/health` shows those reports under the step's name.
+Compiled blocks would go after the step cache, before the parallel runtime. Each step is one
+function in the module that owns it and returns what it did; `/health` shows those reports
+under the step's name.
 """
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ from wanserve.engine.parallel.distributed import DistContext, gather_to_all
 from wanserve.engine.model.features import ModelFeatures, features_of
 from wanserve.engine.model.model_layouts import RandomModel
 from wanserve.engine.model.offload import EXPERTS, ExpertOffload, place_on_device
-from wanserve.engine.parallel.runtime import start_parallel_runtime
+from wanserve.engine.parallel.runtime import shard_vae, start_parallel_runtime
+from wanserve.engine.parallel.sharding import experts_of, param_bytes, shard_experts
 from wanserve.engine.model.peak_memory import read_peak, reset_peak
 from wanserve.engine.model.pipeline import WanServePipeline, load_pipeline
+from wanserve.engine.model.prompt_cache import attach_prompt_cache
+from wanserve.engine.model.step_cache import StepCache
+from wanserve.engine.model.step_cache import attach as attach_step_cache
 from wanserve.engine.model.random_weights import build_random_pipeline
 from wanserve.kernels.attention import select_backend
 
@@ -43,6 +48,7 @@ class ServedModel:
     after_job: Callable[[], None] | None = None  # every rank, after every job
     adapters: Adapters | None = None  # the per-request LoRA switch
     features: ModelFeatures = ModelFeatures()  # what requests may ask of it
+    step_cache: StepCache | None = None  # cache-dit on the experts (None: cache.policy off)
 
 
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
@@ -54,7 +60,8 @@ def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomM
     reset_peak(host)
     if ctx.device.type == "cuda":
         reset_peak(ctx.device)
-    keep_on_host = EXPERTS if cfg.offload_inactive_expert else ()
+    keep_on_host = ((EXPERTS if cfg.offload_inactive_expert else ())
+                    + (("text_encoder",) if cfg.text_encoder == "cpu" else ()))
     if isinstance(model_path, RandomModel):
         pipe, loaded = build_random_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
                                              keep_on_host)
@@ -73,15 +80,27 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
     backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring,
                              require=cfg.attention_backend)
     pipe, loaded = load_weights(cfg, ctx, model_path)
+    pipe.vae.to(DTYPES[cfg.vae_dtype])  # loaded in float32, as the checkpoints ship it
     # every rank's peak while loading, in rank order (rank 0 reports them all)
     loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
-    placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert)
+    placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert,
+                                      text_encoder_on_host=cfg.text_encoder == "cpu")
     adapters, adapters_report = load_adapters(pipe, cfg, offload)
-    parallel, vae_group = start_parallel_runtime(pipe, cfg, ctx, model_path,
-                                                 backend.xfuser_backend)
+    sharding = shard_experts(pipe, ctx) if cfg.shard_weights else None
+    if sharding is not None:  # every rank's, in rank order
+        sharding["param_bytes_per_rank"] = gather_to_all(
+            ctx, sum(param_bytes(e) for e in experts_of(pipe)))
+    step_cache, cache_report = attach_step_cache(pipe, cfg.cache)
+    parallel, vae_group = start_parallel_runtime(
+        pipe, cfg.layout, ctx, model_path, backend.xfuser_backend,
+        shard_vae(cfg.parallel_vae, cfg.limits.min_side, ctx, pipe.vae_scale_factor_spatial))
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
             "attention_reason": backend.reason, "load": loaded, "placement": placed,
-            "adapters": adapters_report, "parallel": parallel}
+            "adapters": adapters_report, "step_cache": cache_report, "parallel": parallel}
+    if sharding is not None:
+        info["sharding"] = sharding
+    info["prompt_cache"] = attach_prompt_cache(pipe, cfg.defaults.negative_prompt,
+                                               cfg.defaults.guidance_scale)
     after_job = None
     if ctx.device.type == "cpu":
         info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
@@ -89,4 +108,4 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
     return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
-                       features_of(pipe))
+                       features_of(pipe), step_cache)

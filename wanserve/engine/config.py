@@ -10,12 +10,20 @@ from pathlib import Path
 import yaml
 
 from wanserve.engine.adapters.lora import AdapterError, AdapterSpec, parse_specs
+from wanserve.engine.model.step_cache import CacheSettings, check_policy, parse_settings
 from wanserve.engine.parallel.layout import ParallelLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # wanserve/engine/config.py → the checkout
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 EMBEDDED_MODELS = ("tiny", "tiny-ti2v")  # wanserve/engine/model/tiny_model.py; each has configs/<name>.yaml
 CREATE_RESPONSES = ("sync", "async")
+TEXT_ENCODER_PLACES = ("device", "cpu")
+# libx264's presets, fastest first; `quality: high` encodes with server.mp4_preset (BENCHMARKS.md,
+# "MP4 encoder presets", says why the default)
+MP4_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+               "slower", "veryslow")
+DEFAULT_MP4_PRESET = "veryfast"
+VAE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ class ServerConfig:
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
     offload_inactive_expert: bool = False
+    text_encoder: str = "device"  # or "cpu": UMT5 kept in host memory and run there
+    shard_weights: bool = False  # the experts split over each replica's ranks (FSDP2)
     cpu: CpuSettings = field(default_factory=CpuSettings)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -114,6 +124,9 @@ class ServerConfig:
     lora_cache: int = 4  # --lora-dir adapters kept loaded (least recently used go first)
     lora_unfuse_per_request: bool = False  # with a fused default, requests may ask for others
     attention_backend: str = "auto"  # or one name of wanserve.kernels.attention.BACKEND_NAMES
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the `cache:` section
+    mp4_preset: str = DEFAULT_MP4_PRESET  # libx264's preset for `quality: high`
+    vae_dtype: str = "float32"  # or "bfloat16": the VAE's encode and decode
 
     @property
     def is_tiny(self) -> bool:
@@ -128,10 +141,31 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def _vae_dtype(value) -> str:
+    if str(value) not in VAE_DTYPES:
+        raise SystemExit(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {value!r}")
+    return str(value)
+
+
 def _sizes(value) -> tuple[str, ...]:
     """`sizes:` as a YAML list, or one string (`--set sizes=832x480,480x832`)."""
     items = value.split(",") if isinstance(value, str) else (value or ())
     return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _check_sharding(shard: bool, offload: bool, adapters, lora_dir, tree: dict) -> None:
+    if not shard:
+        return
+    if offload:
+        raise SystemExit("--shard-weights and --offload-inactive-expert cannot be combined: the "
+                         "offload moves whole experts between the host and the device, sharding "
+                         "splits them over the ranks; choose one")
+    unfused = [s.name for s in adapters if not s.fuse]
+    if unfused or lora_dir or tree.get("lora_unfuse_per_request"):
+        raise SystemExit("--shard-weights runs fused adapters only (`fuse: true`, merged before "
+                         "the weights are sharded): per-request adapters "
+                         f"({', '.join(unfused) or '--lora-dir, lora_unfuse_per_request'}) need "
+                         "unsharded weights; fuse them or drop --shard-weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(wanserve/engine/model/model_layouts.py) built on the device with random weights")
     p.add_argument("--served-model-name", help="the model id clients see")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--vae-dtype", choices=VAE_DTYPES,
+                   help="the VAE's dtype (default float32; BENCHMARKS.md: what bfloat16 costs)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--ulysses", type=int)
@@ -154,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "each run one job at a time (default 1)")
     p.add_argument("--offload-inactive-expert", action="store_true",
                    help="keep the expert not in use in CPU memory (one 14B expert on the GPU)")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="split each expert's weights over the ranks of each replica (FSDP2)")
+    p.add_argument("--text-encoder", choices=TEXT_ENCODER_PLACES,
+                   help="where UMT5 is kept and runs: 'device' (default) or 'cpu' (host memory; "
+                   "the prompt embeddings are moved to the device)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--max-attempts", type=int,
@@ -180,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", help="auto (the first usable, the default), or one of "
                    "flash-attn-3, cudnn, flash-attn-2, sdpa, sdpa-flash, cpu-flash: refused at "
                    "start-up where it cannot run")
+    p.add_argument("--mp4-preset", choices=MP4_PRESETS,
+                   help=f"libx264 preset of `quality: high` videos (default {DEFAULT_MP4_PRESET})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -224,10 +267,23 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     max_attempts = int(pick("max_attempts", 3))
     if max_attempts < 1:
         raise SystemExit(f"server.max_attempts must be at least 1, got {max_attempts}")
+    mp4_preset = str(pick("mp4_preset", DEFAULT_MP4_PRESET)).lower()
+    if mp4_preset not in MP4_PRESETS:
+        raise SystemExit(f"server.mp4_preset must be one of {', '.join(MP4_PRESETS)}, "
+                         f"got {mp4_preset!r}")
     create_response = str(pick("create_response", "sync")).lower()
     if create_response not in CREATE_RESPONSES:
         raise SystemExit(f"server.create_response must be one of {', '.join(CREATE_RESPONSES)}, "
                          f"got {create_response!r}")
+    text_encoder = str(args.text_encoder or memory.get("text_encoder", "device")).lower()
+    if text_encoder not in TEXT_ENCODER_PLACES:
+        raise SystemExit(f"memory.text_encoder must be one of {', '.join(TEXT_ENCODER_PLACES)}, "
+                         f"got {text_encoder!r}")
+    offload = bool(args.offload_inactive_expert or memory.get("offload_inactive_expert"))
+    shard_weights = bool(args.shard_weights or parallel.get("shard_weights"))
+    _check_sharding(shard_weights, offload, adapters, lora_dir, tree)
+    cache = parse_settings(tree.get("cache"))
+    check_policy(cache, layout.dp)
     return ServerConfig(
         adapters=adapters,
         lora_dir=str(lora_dir) if lora_dir else None,
@@ -236,13 +292,15 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         model=str(model),
         served_model_name=args.served_model_name or tree.get("served_model_name") or Path(model).name,
         dtype=args.dtype or tree.get("dtype", "float32"),
+        vae_dtype=_vae_dtype(args.vae_dtype or tree.get("vae_dtype", "float32")),
         defaults=Defaults(**tree["defaults"]),
         sizes=_sizes(tree.get("sizes")),
         limits=Limits(**tree["limits"]),
         layout=layout,
         parallel_vae=str(parallel.get("vae", "auto")).lower(),
-        offload_inactive_expert=bool(args.offload_inactive_expert
-                                     or memory.get("offload_inactive_expert")),
+        offload_inactive_expert=offload,
+        text_encoder=text_encoder,
+        shard_weights=shard_weights,
         cpu=_cpu_settings(tree),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),
@@ -257,6 +315,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         log_level=str(pick("log_level", "INFO")).upper(),
         create_response=create_response,
         attention_backend=str(args.attention_backend or tree.get("attention_backend", "auto")),
+        cache=cache,
+        mp4_preset=mp4_preset,
         config_path=args.config,
     )
 

@@ -15,6 +15,7 @@ const state = {
   follow: null,         // AbortController of the running follow
   cancelled: new Set(), // ids this page asked to cancel
   videoUrl: null,
+  thumbnails: new Map(), // job id → a promise of its thumbnail's object URL
   // ?progress=poll skips the event stream (the fallback, on purpose)
   pollOnly: new URLSearchParams(location.search).get("progress") === "poll",
 };
@@ -88,6 +89,10 @@ function buildForm(model) {
     option($("lora"), "none", "none (base model)");
     for (const adapter of adapters) option($("lora"), adapter.name, adapter.name);
   }
+  const presets = caps.cache_presets || [];
+  $("cache-field").hidden = presets.length === 0;
+  for (const name of ["off", ...presets]) option($("cache"), name, name);
+  if (presets.length) $("cache").value = caps.cache_default;
   $("create-fields").disabled = false;
 }
 
@@ -121,6 +126,7 @@ function requestBody() {
   else add("num_frames", $("num_frames").value);
   for (const name of ["fps", "num_inference_steps", "guidance_scale", "seed"]) add(name, $(name).value);
   if (!$("lora-field").hidden) add("lora", $("lora").value);
+  if (!$("cache-field").hidden) add("cache", $("cache").value);
   return body;
 }
 
@@ -202,8 +208,11 @@ async function showFacts(id) {
   const job = await api("GET", `/v1/videos/${id}`);
   if (state.current !== id) return;
   const took = job.inference_time_s == null ? "" : ` · generated in ${job.inference_time_s.toFixed(1)} s`;
+  const sum = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
+  const cache = job.cache && job.cache.preset !== "off"
+    ? ` · cache ${job.cache.preset}: ${sum(job.cache.cached)} of ${sum(job.cache.cached) + sum(job.cache.computed)} steps cached` : "";
   $("job-facts").textContent =
-    `${job.size} · ${job.num_frames} frames at ${job.fps} fps · seed ${job.seed}${took}`;
+    `${job.size} · ${job.num_frames} frames at ${job.fps} fps · seed ${job.seed}${took}${cache}`;
 }
 
 async function streamEvents(id, signal) {
@@ -280,7 +289,8 @@ function jobRow(job) {
   row.dataset.status = job.status;
   const created = new Date(job.created_at * 1000).toLocaleTimeString();
   const cells = [job.id.slice(-8), job.status, `${job.progress}%`, job.size, job.num_frames, created];
-  row.append(...cells.map((text) => Object.assign(document.createElement("td"), { textContent: text })));
+  row.append(thumbnailCell(job),
+             ...cells.map((text) => Object.assign(document.createElement("td"), { textContent: text })));
   const actions = document.createElement("td");
   const button = (label, action) => actions.append(Object.assign(document.createElement("button"), {
     type: "button", className: `small ${label.toLowerCase()}`, textContent: label, onclick: action }));
@@ -288,6 +298,22 @@ function jobRow(job) {
   button(TERMINAL.includes(job.status) ? "Delete" : "Cancel", () => cancel(job.id));
   row.append(actions);
   return row;
+}
+
+// fetched with the key (an <img src> could not send it), once per job: the list refreshes often
+function thumbnailCell(job) {
+  const cell = document.createElement("td");
+  if (job.status !== "completed") return cell;
+  const img = Object.assign(document.createElement("img"), { className: "thumbnail", alt: "" });
+  cell.append(img);
+  if (!state.thumbnails.has(job.id)) {
+    state.thumbnails.set(job.id, api("GET", `/v1/videos/${job.id}/content?variant=thumbnail`,
+                                     { raw: true })
+      .then(async (resp) => URL.createObjectURL(await resp.blob()))
+      .catch(() => { state.thumbnails.delete(job.id); return ""; }));
+  }
+  state.thumbnails.get(job.id).then((url) => { if (url) img.src = url; });
+  return cell;
 }
 
 async function refreshJobs() {

@@ -143,6 +143,38 @@ def _split_experts(state_dict: dict) -> dict[str, dict]:
     return {"transformer": high, "transformer_2": low}
 
 
+def _zero_missing_bias_deltas(state_dict: dict) -> dict:
+    """Once one layer of a file has a bias delta (original Wan `diff_b`), diffusers 0.42.1
+    gives every layer of the adapter a `lora_B.bias` and leaves those the file lacks on the
+    meta device; a missing bias delta is zero, so give it one."""
+    if not any(k.endswith(".lora_B.bias") for k in state_dict):
+        return state_dict
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.endswith(".lora_B.weight"):
+            out.setdefault(key.removesuffix("weight") + "bias", value.new_zeros(value.shape[0]))
+    return out
+
+
+def _check_runnable(expert, name: str, expert_name: str, path: str) -> None:
+    """Every tensor of adapter `name` holds data on its layer's device, or the adapter is
+    refused now: PEFT leaves a tensor the file lacks (a `lora_A` without its `lora_B`) on the
+    meta device, and every request using it would fail."""
+    modules = dict(expert.named_modules())
+    bad = []
+    for key, tensor in expert.named_parameters():
+        layer, sep, rest = key.partition(".lora_")
+        if not sep or rest.split(".")[1:2] != [name]:
+            continue
+        device = modules[layer].get_base_layer().weight.device
+        if tensor.is_meta or tensor.device != device:
+            bad.append(f"{key} on {tensor.device}")
+    if bad:
+        raise AdapterError(f"LoRA file {path}: {len(bad)} tensor(s) of {expert_name} hold no "
+                           f"data on the layer's device ({', '.join(bad[:3])}"
+                           f"{' …' if len(bad) > 3 else ''}); the file lacks them")
+
+
 class Adapters:
     """The adapters loaded on this rank and the per-request switch between them."""
 
@@ -197,11 +229,12 @@ class Adapters:
             self.unmatched[name] = self.unmatched.get(name, 0) + len(unmatched)
         if not kept:
             raise AdapterError(f"LoRA file {path}: no key matches a layer of the Wan transformer")
-        self.pipe.load_lora_weights(kept, adapter_name=name,
+        self.pipe.load_lora_weights(_zero_missing_bias_deltas(kept), adapter_name=name,
                                     load_into_transformer_2=expert_name == "transformer_2")
         if name not in (getattr(expert, "peft_config", None) or {}):
             raise AdapterError(f"LoRA file {path}: nothing was loaded into {expert_name}")
         self.on_expert[expert_name].add(name)
+        _check_runnable(expert, name, expert_name, path)
 
     def _forget(self, name: str) -> None:
         for expert_name in EXPERTS:

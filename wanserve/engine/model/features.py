@@ -20,9 +20,13 @@ class ModelFeatures:
     # diffusers' `last_image` is encoded into the condition video's last frame, which only the
     # channel-concatenated condition has; the `expand_timesteps` path drops it
     last_frame: bool = True
+    # transformer blocks per expert: a step cache's Fn + Bn blocks must fit in them
+    blocks: int = 40
 
 
 def features_of(pipe) -> ModelFeatures:
     expand = bool(pipe.config.expand_timesteps)
     return ModelFeatures(experts=1 + (pipe.transformer_2 is not None),
-                         text_to_video=expand, last_frame=not expand)
+                         text_to_video=expand, last_frame=not expand,
+                         blocks=min(len(e.blocks) for e in (pipe.transformer, pipe.transformer_2)
+                                    if e is not None))

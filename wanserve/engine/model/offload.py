@@ -98,17 +98,21 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool
-                    ) -> tuple[dict, ExpertOffload | None]:
+def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool,
+                    text_encoder_on_host: bool = False) -> tuple[dict, ExpertOffload | None]:
     """Every component on `device` (most were loaded there already); with offload, the experts
-    are left to ExpertOffload, which keeps only the one in use there. Returns what it did (for
-    /health) and the offload."""
+    are left to ExpertOffload, which keeps only the one in use there; the text encoder on the
+    host stays there (it encodes there: diffusers 0.42.1 runs it where its weights are and moves
+    the embeddings to the device). Returns what it did (for /health) and the offload."""
+    on_host = (EXPERTS if offload_inactive_expert else ()) + (
+        ("text_encoder",) if text_encoder_on_host else ())
     for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and not (offload_inactive_expert
-                                                           and name in EXPERTS):
+        if isinstance(component, torch.nn.Module) and name not in on_host:
             component.to(device)
+    placed = {"device": str(device),
+              "text_encoder": "cpu" if text_encoder_on_host else str(device)}
     if not offload_inactive_expert:
-        return {"device": str(device),
-                "experts": "both resident" if pipe.transformer_2 is not None else "resident"}, None
-    return ({"device": str(device), "experts": "one resident, the other in CPU memory"},
-            ExpertOffload(pipe, device))
+        placed["experts"] = "both resident" if pipe.transformer_2 is not None else "resident"
+        return placed, None
+    placed["experts"] = "one resident, the other in CPU memory"
+    return placed, ExpertOffload(pipe, device)

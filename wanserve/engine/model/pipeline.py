@@ -20,6 +20,7 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
+from wanserve.engine.model.prompt_cache import PromptCache  # noqa: E402
 from wanserve.engine.parallel.sp_padding import WanServeTransformer  # noqa: E402
 from xfuser.model_executor.pipelines.pipeline_wan_i2v import (  # noqa: E402
     xFuserWanImageToVideoPipeline,
@@ -36,6 +37,7 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
     stage_times: dict
     clock = staticmethod(time.perf_counter)
     text_only = False
+    prompt_cache: PromptCache | None = None
 
     def __call__(self, image=None, **kwargs):
         """Without `image` (TI2V only) this is diffusers' WanPipeline: every latent frame starts
@@ -54,6 +56,16 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
         out = super().encode_prompt(*args, **kwargs)
         self.stage_times["text_encode"] = self.clock() - start
         return out
+
+    def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt: int = 1,
+                              max_sequence_length: int = 512, device=None, dtype=None):
+        """One text's embedding, from the prompt cache when it has it
+        (wanserve/engine/model/prompt_cache.py)."""
+        encode = super()._get_t5_prompt_embeds
+        if self.prompt_cache is None:
+            return encode(prompt, num_videos_per_prompt, max_sequence_length, device, dtype)
+        return self.prompt_cache.embeds(self, encode, prompt, num_videos_per_prompt,
+                                        max_sequence_length, device, dtype)
 
     def prepare_latents(self, *args, **kwargs):
         """Noise latents and the VAE-encoded condition video."""
@@ -93,6 +105,7 @@ class WanServePipeline(xFuserWanImageToVideoPipeline):
                                 expand_timesteps=self.config.expand_timesteps)
         view.set_progress_bar_config(disable=True)
         view.stage_times = {}
+        view.prompt_cache = self.prompt_cache
         return view
 
 

@@ -192,6 +192,24 @@ def ready_barrier(ctx: DistContext) -> None:
     ctx.processes = tuple(gather_to_all(ctx, this_process()))
 
 
+def post_note(key: str, text: str) -> None:
+    """Leave `text` in the job's rendezvous store (torch 2.13's default store, a private
+    accessor), where other ranks can read it after this rank has exited."""
+    if dist.is_initialized():
+        dist.distributed_c10d._get_default_store().set(f"wanserve/{key}", text)
+
+
+def read_note(key: str) -> str | None:
+    """What a rank left under `key` with `post_note`, or None (without waiting)."""
+    if not dist.is_initialized():
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        return store.get(f"wanserve/{key}").decode() if store.check([f"wanserve/{key}"]) else None
+    except RuntimeError:  # the store itself is gone
+        return None
+
+
 def exit_without_teardown(code: int) -> None:
     """End a rank's process now, the log flushed, skipping the interpreter's teardown: freeing
     the modules of torch, diffusers and transformers takes over a second on every rank, and a

@@ -18,12 +18,14 @@ from typing import Callable, Protocol
 
 from wanserve.engine.adapters.lora import AdapterLoadError
 from wanserve.engine.assembly import ServedModel
-from wanserve.engine.parallel.distributed import DistContext, broadcast_message, ready_barrier
+from wanserve.engine.parallel.distributed import (DistContext, broadcast_message, read_note,
+                                                  ready_barrier)
+from wanserve.engine.serving.frames import FrameSink
 from wanserve.engine.serving.replicas import RemoteReplica, ReplicaFailed, ReplicaLost
 from wanserve.engine.model.features import ModelFeatures
 from wanserve.engine.parallel.rank_processes import dead_peers
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
-from wanserve.engine.serving.worker import end_of_job, run_request
+from wanserve.engine.serving.worker import JobOutOfMemory, end_of_job, oom_note, run_request
 
 log = logging.getLogger("wanserve.engine")
 
@@ -34,6 +36,7 @@ class QueueFull(Exception):
 
 class EngineEvents(Protocol):
     def on_started(self, job_id: str) -> None: ...
+    def frame_sink(self, job_id: str) -> FrameSink | None: ...  # the frames as they are decoded
     def on_progress(self, job_id: str, done: int, total: int) -> None: ...
     def on_finished(self, job_id: str, result: GenerationResult) -> None: ...
     def on_failed(self, job_id: str, message: str, code: str) -> None: ...
@@ -80,6 +83,7 @@ class Engine:
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
         self.features = ModelFeatures()  # what requests may ask of the model, once loaded
         self.offload = None  # wanserve.engine.model.offload.ExpertOffload when the inactive expert is offloaded
+        self.prompt_cache = None  # rank 0's (wanserve/engine/model/prompt_cache.py), once loaded
         self._stopping = False
 
     # --- called from the API (any thread) ---------------------------------------------
@@ -94,6 +98,12 @@ class Engine:
     def current_job(self) -> str | None:
         """The job replica 0 runs, else any replica's (one replica: the job)."""
         return next((r.current_job for r in self.replicas if r.current_job), None)
+
+    @property
+    def prompt_cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of rank 0's prompt cache."""
+        cache = self.prompt_cache
+        return (cache.hits, cache.misses) if cache is not None else (0, 0)
 
     def replica_of(self, job_id: str) -> int | None:
         return next((r.index for r in self.replicas if r.current_job == job_id), None)
@@ -152,6 +162,7 @@ class Engine:
         self.info = model.info
         self.features = model.features
         self.offload = model.offload
+        self.prompt_cache = model.pipe.prompt_cache
         for replica in self.replicas:
             replica.state = "idle"
             replica.thread = threading.Thread(target=self._serve, args=(replica, model),
@@ -189,12 +200,15 @@ class Engine:
         return f"{reason} ({dead})" if dead else reason
 
     def _execute(self, replica: Replica, model: ServedModel, request: GenerationRequest,
-                 progress, cancelled) -> GenerationResult:
+                 progress, cancelled, sink: FrameSink | None) -> GenerationResult:
         remote = self._remote.get(replica.index)
-        if remote is not None:
-            return remote.run(request, progress, cancelled)
+        if remote is not None:  # its leader sends the frames at the end, all at once
+            result = remote.run(request, progress, cancelled)
+            if sink is not None:
+                sink.put(result.frames)
+            return result
         broadcast_message(self.ctx, request)
-        return run_request(self.ctx, model, request, progress, cancelled)
+        return run_request(self.ctx, model, request, progress, cancelled, sink)
 
     def _run_job(self, replica: Replica, model: ServedModel, request: GenerationRequest) -> bool:
         job_id = request.job_id
@@ -202,11 +216,13 @@ class Engine:
         replica.current_job, replica.state = job_id, "busy"
         try:
             self._events.on_started(job_id)
+            sink = self._events.frame_sink(job_id)
             result = self._execute(
                 replica, model, request,
                 progress=lambda done, total: self._events.on_progress(job_id, done, total),
                 cancelled=lambda: (self._stopping or job_id in self._cancelled
                                    or time.monotonic() > deadline),
+                sink=sink,
             )
             self._events.on_finished(job_id, result)
         except JobCancelled:
@@ -233,10 +249,15 @@ class Engine:
             log.exception("job %s failed on replica %d", job_id, replica.index)
             fatal = exc.fatal if isinstance(exc, ReplicaFailed) else self.ctx.replica_size > 1
             reason = str(exc) if isinstance(exc, ReplicaFailed) else f"generation failed: {exc}"
-            # `engine_failure`: the engine goes down under the job (the service keeps it for
-            # the next start)
-            self._events.on_failed(job_id, self._naming_dead_peers(reason) if fatal else reason,
-                                   "engine_failure" if fatal else "generation_failed")
+            out_of_memory = self._out_of_memory(exc, job_id, fatal)
+            if out_of_memory:  # running it again would run out of memory again
+                self._events.on_failed(job_id, out_of_memory, "out_of_memory")
+            else:
+                # `engine_failure`: the engine goes down under the job (the service keeps it
+                # for the next start)
+                self._events.on_failed(job_id, self._naming_dead_peers(reason) if fatal
+                                       else reason, "engine_failure" if fatal
+                                       else "generation_failed")
             if fatal:
                 # the replica's other ranks may be inside a collective of this job, and on
                 # NCCL they cannot be put back in step: stop, so that every rank restarts clean
@@ -258,6 +279,13 @@ class Engine:
             self._fail(f"a rank died or stopped responding: {exc}")
             return False
         return True
+
+    def _out_of_memory(self, exc: Exception, job_id: str, fatal: bool) -> str | None:
+        """The reason, when the job failed for want of memory: on this rank, on another
+        replica, or on a rank that left it in the store before it exited."""
+        if isinstance(exc, JobOutOfMemory) or getattr(exc, "code", "") == "out_of_memory":
+            return str(exc)
+        return read_note(oom_note(job_id)) if fatal else None
 
     def _take_cancel(self, job_id: str) -> bool:
         with self._lock:

@@ -18,6 +18,8 @@ import torch
 from wanserve.engine.adapters.lora import Adapters
 from wanserve.engine.model.peak_memory import read_peak, reset_peak
 from wanserve.engine.model.pipeline import WanServePipeline
+from wanserve.engine.model.step_cache import StepCache
+from wanserve.engine.serving.frames import FrameSink, frame_collector
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled
 
 StepHook = Callable[[int, int], bool]  # (steps done, total) -> cancel?
@@ -39,15 +41,21 @@ def stage_clock(device: torch.device) -> Callable[[], float]:
 def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHook,
              decode: bool = True, frames: bool = True,
              decode_cancelled: Callable[[], bool] = lambda: False,
-             adapters: Adapters | None = None) -> GenerationResult | None:
+             adapters: Adapters | None = None,
+             sink: FrameSink | None = None,
+             step_cache: StepCache | None = None) -> GenerationResult | None:
     """`decode`: this rank takes part in the VAE decode; `frames`: it also turns the decoded
     video into frames and returns them (rank 0). Without either it returns None.
-    `decode_cancelled` is asked before each latent frame the VAE decodes."""
+    `decode_cancelled` is asked before each latent frame the VAE decodes; with `frames`, `sink`
+    gets each latent frame's video frames as soon as they are decoded."""
     if adapters is not None:
         adapters.apply(request.lora)
     elif request.lora:
         raise ValueError("this server has no LoRA adapters")
     view = pipe.for_request(request.boundary_ratio, request.flow_shift, request.sample_solver)
+    if step_cache is not None:  # fresh contexts for this request's steps (every rank)
+        step_cache.prepare_request(view, request.cache, request.num_inference_steps,
+                                   request.boundary_ratio, request.guidance_scale)
     reset_peak(pipe._execution_device)
     clock = view.clock = stage_clock(pipe._execution_device)
     step_times: list[float] = []
@@ -75,20 +83,22 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
         for hook in hooks:
             hook.remove()
     timings = dict(view.stage_times)
+    cache_report = step_cache.report() if step_cache is not None else None
     # the first interval also covers the encoders, whose own times were recorded
     timings["denoise"] = sum(step_times) - sum(timings.values())
     timings["step_mean"] = timings["denoise"] / max(1, len(step_times))
     if not decode:
         return None
     decode_start = clock()
-    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request))
+    after_each_frame, chunks = frame_collector(view, sink) if frames else (None, [])
+    decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request), after_each_frame)
     if not frames:
         return None
-    result = to_frames(view, video)
+    result = np.concatenate(chunks)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
     peak_mb, peak_kind = read_peak(pipe._execution_device)
-    return GenerationResult(frames=result, timings=timings, forwards=per_step,
+    return GenerationResult(frames=result, timings=timings, forwards=per_step, cache=cache_report,
                             peak_memory_mb=peak_mb, peak_memory_kind=peak_kind)
 
 
@@ -122,21 +132,21 @@ def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:
 
 @torch.no_grad()
 def decode_latents(pipe: WanServePipeline, latents: torch.Tensor,
-                   before_each_frame: Callable[[], None] = lambda: None) -> torch.Tensor:
+                   before_each_frame: Callable[[], None] = lambda: None,
+                   after_each_frame: Callable | None = None) -> torch.Tensor:
     """The Wan VAE decodes one latent frame per call of its decoder (a causal cache carries the
-    rest): `before_each_frame` runs before each, a point where a long decode can stop."""
+    rest): `before_each_frame` runs before each, a point where a long decode can stop;
+    `after_each_frame`, a forward hook, gets each call's output (wanserve/engine/serving/frames.py)."""
     vae = pipe.vae
     latents = latents.to(vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
-    hook = vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())
+    hooks = [vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())]
+    if after_each_frame is not None:
+        hooks.append(vae.decoder.register_forward_hook(after_each_frame))
     try:
         return vae.decode(latents * std + mean, return_dict=False)[0]
     finally:
-        hook.remove()
-
-
-def to_frames(pipe: WanServePipeline, video: torch.Tensor) -> np.ndarray:
-    frames = pipe.video_processor.postprocess_video(video, output_type="np")
-    return np.asarray(frames[0], dtype=np.float32)
+        for hook in hooks:
+            hook.remove()

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 -m wanserve.engine.serving.offline --ulysses 2 --requests reqs.json --out out.npz
 
 `reqs.json` is a list of dicts of GenerationRequest fields (`width`, `height`, `seed`,
-`guidance_scale`, `lora` (as the API takes it), `sample_solver`, ...; the preset's defaults fill
+`guidance_scale`, `lora` and `cache` (as the API takes them), `sample_solver`, ...; the preset's defaults fill
 the rest) plus `image_seed` for the seeded synthetic first frame (`null`: none, text-to-video)
 and `last_image_seed` for a last frame. Used by the multi-rank equivalence tests and the
 benchmarks: the same code path as the server's ranks, without HTTP.
@@ -22,6 +22,7 @@ from wanserve.engine.config import ServerConfig, load_config
 from wanserve.engine.parallel.distributed import (broadcast_message, exit_without_teardown, init_distributed,
                                 ready_barrier, shutdown)
 from wanserve.engine.model.features import ModelFeatures
+from wanserve.engine.model.step_cache import resolve_choice
 from wanserve.engine.serving.request import GenerationRequest
 from wanserve.engine.startup import resolve_model_path, setup_logging
 
@@ -58,7 +59,7 @@ def request_from_spec(job_id: str, spec: dict, cfg: ServerConfig,
         boundary_ratio=spec.get("boundary_ratio", d.boundary_ratio) if two_experts else None,
         flow_shift=spec.get("flow_shift", d.flow_shift), seed=spec.get("seed", 0),
         sample_solver=spec.get("sample_solver", d.sample_solver),
-        lora=resolve_lora(spec.get("lora"), cfg))
+        lora=resolve_lora(spec.get("lora"), cfg), cache=resolve_choice(spec.get("cache"), cfg.cache))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                     results[f"frames_{index}"] = result.frames
                     timings.append({"index": index, "round": round_,
                                     "wall": time.perf_counter() - t0, **result.timings,
-                                    "forwards": result.forwards})
+                                    "forwards": result.forwards, "cache": result.cache})
         if ctx.is_driver:
             np.savez(ours.out, **results)
             with open(ours.out + ".json", "w") as f:
                 json.dump({"layout": cfg.layout.describe(), "world_size": ctx.world_size,
                            "load_s": load_s, "adapters": model.info["adapters"],
+                           "sharding": model.info.get("sharding"),
                            "runs": timings}, f, indent=1)
         return 0
     finally:

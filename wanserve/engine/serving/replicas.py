@@ -20,9 +20,9 @@ import torch.distributed as dist
 from wanserve.engine.adapters.lora import AdapterLoadError
 from wanserve.engine.assembly import ServedModel
 from wanserve.engine.parallel.distributed import (DistContext, ReplicaLink, broadcast_message,
-                                exit_without_teardown)
+                                exit_without_teardown, read_note)
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
-from wanserve.engine.serving.worker import end_of_job, run_request
+from wanserve.engine.serving.worker import JobOutOfMemory, end_of_job, oom_note, run_request
 
 log = logging.getLogger("wanserve.engine")
 
@@ -31,9 +31,10 @@ class ReplicaFailed(Exception):
     """The job failed on another replica. `fatal`: that replica's ranks are no longer in step
     (its leader exits, and the engine with it)."""
 
-    def __init__(self, message: str, fatal: bool):
+    def __init__(self, message: str, fatal: bool, code: str = "generation_failed"):
         super().__init__(message)
         self.fatal = fatal
+        self.code = code
 
 
 class ReplicaLost(Exception):
@@ -46,6 +47,7 @@ class _Outcome:
     message: str = ""
     step: int = 0
     fatal: bool = False
+    code: str = "generation_failed"
     result: dict | None = None  # GenerationResult's fields but the frames
     frames_shape: tuple[int, ...] = ()
 
@@ -89,7 +91,7 @@ class RemoteReplica:
         if outcome.kind == "lora_failed":
             raise AdapterLoadError(outcome.message)
         if outcome.kind == "failed":
-            raise ReplicaFailed(outcome.message, outcome.fatal)
+            raise ReplicaFailed(outcome.message, outcome.fatal, outcome.code)
         frames = torch.empty(outcome.frames_shape, dtype=torch.float32)
         dist.recv(frames, src=self.link.leader, group=self.link.steps)
         return GenerationResult(frames=frames.numpy(), **outcome.result)
@@ -142,7 +144,12 @@ def _run(ctx: DistContext, model: ServedModel, link: ReplicaLink,
     except Exception as exc:
         log.exception("rank %d: job %s failed", ctx.rank, request.job_id)
         # alone in its replica, the leader is still in step with itself
-        return _Outcome("failed", f"generation failed: {exc}", fatal=ctx.replica_size > 1), None
+        fatal = ctx.replica_size > 1
+        oom = str(exc) if isinstance(exc, JobOutOfMemory) else (
+            read_note(oom_note(request.job_id)) if fatal else None)
+        if oom:
+            return _Outcome("failed", oom, fatal=fatal, code="out_of_memory"), None
+        return _Outcome("failed", f"generation failed: {exc}", fatal=fatal), None
     rest = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "frames"}
     frames = torch.from_numpy(np.ascontiguousarray(result.frames, dtype=np.float32))
     return _Outcome("finished", result=rest, frames_shape=tuple(frames.shape)), frames

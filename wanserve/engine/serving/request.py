@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wanserve.engine.adapters.lora import AdapterUse
+from wanserve.engine.model.step_cache import CacheChoice
 
 
 @dataclass
@@ -31,6 +32,7 @@ class GenerationRequest:
     sample_solver: str = "unipc"  # wanserve.engine.model.pipeline.SOLVERS
     lora: tuple[AdapterUse, ...] = ()  # exactly these adapters, at these scales; () = none
     last_frame: np.ndarray | None = None  # first+last frame: the video ends on it
+    cache: CacheChoice | None = None  # the step cache's schedule; None: every step computed
 
 
 @dataclass
@@ -43,6 +45,7 @@ class GenerationResult:
     forwards: list[int] = field(default_factory=list)  # transformer forwards in each step
     peak_memory_mb: float | None = None
     peak_memory_kind: str | None = None
+    cache: dict | None = None  # the step cache's report (StepCache.report); None: no cache
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """What every rank does with a request, and the loop of the ranks that do not serve HTTP."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
 from typing import Callable
 
+import torch
+
 from wanserve.engine.adapters.lora import AdapterLoadError
 from wanserve.engine.assembly import ServedModel
-from wanserve.engine.parallel.distributed import DistContext, agree, broadcast_message, exit_without_teardown
+from wanserve.engine.parallel.distributed import (DistContext, agree, broadcast_message,
+                                                  exit_without_teardown, post_note)
+from wanserve.engine.serving.frames import FrameSink
 from wanserve.engine.serving.generate import generate
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 
@@ -16,9 +21,21 @@ log = logging.getLogger("wanserve.engine")
 
 Progress = Callable[[int, int], None]
 
+
+class JobOutOfMemory(RuntimeError):
+    """The device (or host) ran out of memory on this rank during the job; the job fails with
+    `out_of_memory`. The memory the job held is freed before this is raised."""
+
+
+def oom_note(job_id: str) -> str:
+    """Where a rank that ran out of memory leaves its reason for rank 0 before it exits."""
+    return f"oom/{job_id}"
+
 # Test-only: "RANK:STEP" makes that rank's job fail right after that denoising step
 # (tests/test_rank_failure.py), as an out-of-memory on one GPU would.
 _FAIL_AT = os.environ.get("WANSERVE_TEST_FAIL_AT")
+# Test-only: "RANK:STEP" makes that rank raise torch.OutOfMemoryError right after that step.
+_OOM_AT = os.environ.get("WANSERVE_TEST_OOM_AT")
 # Test-only: seconds every rank sleeps after each denoising step, so that a test's job is
 # surely still running when it acts on it, without burning the CPU the other ranks need.
 _STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
@@ -26,8 +43,10 @@ _STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
 
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
                 progress: Progress | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> GenerationResult | None:
-    """Runs on every rank of a replica; returns the frames on its leader, None elsewhere.
+                cancelled: Callable[[], bool] = lambda: False,
+                sink: FrameSink | None = None) -> GenerationResult | None:
+    """Runs on every rank of a replica; returns the frames on its leader, None elsewhere
+    (and hands them to `sink` there as the VAE decodes them).
 
     After every step the leader reports progress and all ranks agree on `cancelled()` (the
     leader's answer) in one tiny collective, so a cancel stops every rank at the same step. The
@@ -38,9 +57,14 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
     def agreed() -> bool:
         return agree(ctx, cancelled() if ctx.is_leader else False)
 
+    steps_done = [0]
+
     def on_step(done: int, total: int) -> bool:
+        steps_done[0] = done
         if _FAIL_AT == f"{ctx.rank}:{done}":
             raise RuntimeError(f"injected failure on rank {ctx.rank} after step {done}")
+        if _OOM_AT == f"{ctx.rank}:{done}":
+            raise torch.OutOfMemoryError(f"injected out-of-memory on rank {ctx.rank}")
         if _STEP_DELAY_S:
             time.sleep(_STEP_DELAY_S)
         if progress is not None:
@@ -52,11 +76,23 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
         result = generate(model.pipe, request, on_step, decode=ctx.is_leader or model.vae_sharded,
                           frames=ctx.is_leader,
                           decode_cancelled=agreed if model.vae_sharded else cancelled,
-                          adapters=model.adapters)
+                          adapters=model.adapters, sink=sink if ctx.is_leader else None,
+                          step_cache=model.step_cache)
     except JobCancelled as exc:  # at WARNING: the level every rank logs
         log.warning("rank %d: %s", ctx.rank, exc)
         raise
-    return result if ctx.is_leader else None
+    except torch.OutOfMemoryError as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no detail"
+        reason = (f"out of memory on rank {ctx.rank} after step {steps_done[0]} of "
+                  f"{request.num_inference_steps}: {detail}")
+    else:
+        return result if ctx.is_leader else None
+    # outside the handler, whose traceback held the job's tensors
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.error("rank %d: job %s: %s", ctx.rank, request.job_id, reason)
+    raise JobOutOfMemory(reason)
 
 
 def worker_loop(ctx: DistContext, model: ServedModel) -> None:
@@ -79,6 +115,8 @@ def worker_loop(ctx: DistContext, model: ServedModel) -> None:
         except AdapterLoadError as exc:  # every rank, before any collective of the job
             log.warning("rank %d: job %s: %s", ctx.rank, message.job_id, exc)
         except Exception as exc:
+            if isinstance(exc, JobOutOfMemory):  # rank 0 fails the job with this reason
+                post_note(oom_note(message.job_id), str(exc))
             log.error("rank %d: job %s failed: %s; this rank exits so that every rank restarts "
                       "in a known state", ctx.rank, message.job_id, exc)
             exit_without_teardown(1)

@@ -48,7 +48,9 @@ def _check() -> dict:
     from wanserve.engine.startup import resolve_model_path
     from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels
 
-    cfg = load_config(["--model", "tiny"])
+    # the step cache off: this calls the transformer outside any request, where a step mask
+    # (refreshed per request) would skip blocks and their projections
+    cfg = load_config(["--model", "tiny", "--set", "cache.policy=off"])
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     try:
         model_path = resolve_model_path(cfg)

@@ -1,16 +1,16 @@
 """Building the served model on one rank: the same ordered steps on every rank.
 
     load weights (or build random ones) → place on the device → adapters (LoRA)
-    → sharded experts (--shard-weights) → step cache (cache-dit) → parallel runtime
-    → CPU tuning (CPU only) → what runs where
+    → sharded experts (--shard-weights) → step cache (cache-dit) → compiled blocks
+    → parallel runtime → CPU tuning (CPU only) → what runs where → warm-up (compiled blocks)
 
-Compiled blocks would go after the step cache, before the parallel runtime. Each step is one
-function in the module that owns it and returns what it did; `/health` shows those reports
-under the step's name.
+Each step is one function in the module that owns it and returns what it did; `/health` shows
+those reports under the step's name.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,9 +29,12 @@ from wanserve.engine.parallel.sharding import experts_of, param_bytes, shard_exp
 from wanserve.engine.model.peak_memory import read_peak, reset_peak
 from wanserve.engine.model.pipeline import WanServePipeline, load_pipeline
 from wanserve.engine.model.prompt_cache import attach_prompt_cache
+from wanserve.engine.model.compiled_blocks import CompiledBlocks
+from wanserve.engine.model.compiled_blocks import attach as compile_blocks
 from wanserve.engine.model.step_cache import StepCache
 from wanserve.engine.model.step_cache import attach as attach_step_cache
 from wanserve.engine.model.random_weights import build_random_pipeline
+from wanserve.engine.serving.warmup import warm_up
 from wanserve.kernels.attention import select_backend
 
 log = logging.getLogger("wanserve.engine")
@@ -49,6 +52,7 @@ class ServedModel:
     adapters: Adapters | None = None  # the per-request LoRA switch
     features: ModelFeatures = ModelFeatures()  # what requests may ask of it
     step_cache: StepCache | None = None  # cache-dit on the experts (None: cache.policy off)
+    compiled: CompiledBlocks | None = None  # the compiled blocks (None: compile.policy off)
 
 
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
@@ -91,21 +95,29 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
         sharding["param_bytes_per_rank"] = gather_to_all(
             ctx, sum(param_bytes(e) for e in experts_of(pipe)))
     step_cache, cache_report = attach_step_cache(pipe, cfg.cache)
+    compiled, compile_report = compile_blocks(pipe, cfg.compile)
     parallel, vae_group = start_parallel_runtime(
         pipe, cfg.layout, ctx, model_path, backend.xfuser_backend,
         shard_vae(cfg.parallel_vae, cfg.limits.min_side, ctx, pipe.vae_scale_factor_spatial))
     info = {"device": str(ctx.device), "dtype": cfg.dtype, "attention_backend": backend.name,
             "attention_reason": backend.reason, "load": loaded, "placement": placed,
-            "adapters": adapters_report, "step_cache": cache_report, "parallel": parallel}
+            "adapters": adapters_report, "step_cache": cache_report,
+            "compile": compile_report, "parallel": parallel}
     if sharding is not None:
         info["sharding"] = sharding
     info["prompt_cache"] = attach_prompt_cache(pipe, cfg.defaults.negative_prompt,
                                                cfg.defaults.guidance_scale)
     after_job = None
     if ctx.device.type == "cpu":
-        info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
+        info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group,
+                                                       blocks_compiled=compiled is not None)
     if ctx.is_driver:
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
-    return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
-                       features_of(pipe), step_cache)
+    model = ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
+                        features_of(pipe), step_cache, compiled)
+    if compiled is not None:  # the graphs built before the ready barrier, not by a client
+        start = time.perf_counter()
+        warm_up(model, cfg)
+        compiled.warmed_up(time.perf_counter() - start)
+    return model

@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 
 from wanserve.engine.adapters.lora import AdapterError, AdapterSpec, parse_specs
+from wanserve.engine.model import compiled_blocks
+from wanserve.engine.model.compiled_blocks import CompileSettings
 from wanserve.engine.model.step_cache import CacheSettings, check_policy, parse_settings
 from wanserve.engine.parallel.layout import ParallelLayout
 
@@ -125,6 +127,7 @@ class ServerConfig:
     lora_unfuse_per_request: bool = False  # with a fused default, requests may ask for others
     attention_backend: str = "auto"  # or one name of wanserve.kernels.attention.BACKEND_NAMES
     cache: CacheSettings = field(default_factory=CacheSettings)  # the `cache:` section
+    compile: CompileSettings = field(default_factory=CompileSettings)  # the `compile:` section
     mp4_preset: str = DEFAULT_MP4_PRESET  # libx264's preset for `quality: high`
     vae_dtype: str = "float32"  # or "bfloat16": the VAE's encode and decode
 
@@ -223,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "start-up where it cannot run")
     p.add_argument("--mp4-preset", choices=MP4_PRESETS,
                    help=f"libx264 preset of `quality: high` videos (default {DEFAULT_MP4_PRESET})")
+    p.add_argument("--compile", choices=compiled_blocks.POLICIES,
+                   help="'regional': torch.compile each transformer block, warmed up before the "
+                   "server is ready (default off; the `compile:` section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any YAML key, e.g. --set defaults.num_inference_steps=8")
     return p
@@ -282,6 +288,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     offload = bool(args.offload_inactive_expert or memory.get("offload_inactive_expert"))
     shard_weights = bool(args.shard_weights or parallel.get("shard_weights"))
     _check_sharding(shard_weights, offload, adapters, lora_dir, tree)
+    compile_settings = compiled_blocks.parse_settings(tree.get("compile"), args.compile)
+    compiled_blocks.check_combination(compile_settings, shard_weights)
     cache = parse_settings(tree.get("cache"))
     check_policy(cache, layout.dp)
     return ServerConfig(
@@ -316,6 +324,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         create_response=create_response,
         attention_backend=str(args.attention_backend or tree.get("attention_backend", "auto")),
         cache=cache,
+        compile=compile_settings,
         mp4_preset=mp4_preset,
         config_path=args.config,
     )

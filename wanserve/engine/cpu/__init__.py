@@ -25,11 +25,14 @@ import torch
 log = logging.getLogger("wanserve.engine")
 
 
-def tune(pipe, settings, ctx, vae_group) -> tuple[dict, Callable[[], None] | None]:
+def tune(pipe, settings, ctx, vae_group, blocks_compiled: bool = False
+         ) -> tuple[dict, Callable[[], None] | None]:
     """Apply every CPU measure `settings` (wanserve.engine.config.CpuSettings) allows to the assembled
     pipeline on this rank. A collective when shared memory is on: every rank calls it at the
     same point. Returns what it did (for /health) and what every rank must run after each job
-    (None: nothing)."""
+    (None: nothing). With `blocks_compiled` nothing runs inside the transformer blocks (the
+    cross-attention memo, the attention's shared-memory exchanges): dynamo would trace that
+    Python into the compiled blocks and recompile whenever its state changes."""
     if not settings.tuning:
         return {"tuning": "off"}, None
     from wanserve.engine.cpu import cross_attention, memory, vae_kernels
@@ -41,7 +44,8 @@ def tune(pipe, settings, ctx, vae_group) -> tuple[dict, Callable[[], None] | Non
                   if isinstance(component, torch.nn.Module))
     report["vae_kernels"] = f"oneDNN ({rebound} layers)" if rebound else "torch's defaults"
     cached = [cross_attention.cache_cross_attention(expert)
-              for expert in (pipe.transformer, pipe.transformer_2) if expert is not None]
+              for expert in (pipe.transformer, pipe.transformer_2)
+              if expert is not None and not blocks_compiled]
     report["cross_attention_kv"] = ("computed once per prompt" if any(cached)
                                     else "recomputed each step")
     if vae_group is not None:
@@ -56,8 +60,11 @@ def tune(pipe, settings, ctx, vae_group) -> tuple[dict, Callable[[], None] | Non
         from wanserve.engine.cpu import shm_transport
 
         routed = shm_transport.enable(ctx.collective_timeout_s,
-                                      {**shm_transport.xfuser_groups(), "vae": vae_group})
+                                      {**shm_transport.xfuser_groups(), "vae": vae_group},
+                                      attention_exchanges=not blocks_compiled)
         report["shared_memory"] = ", ".join(routed) if routed else "none (gloo for all)"
+        if routed and blocks_compiled:
+            report["shared_memory"] += " (the attention's exchanges on gloo: blocks compiled)"
         if routed:
             after_job = lambda: shm_transport.resync(ctx.step_group)  # noqa: E731
     return report, after_job

@@ -144,10 +144,15 @@ def xfuser_groups() -> dict:
     }
 
 
-def enable(timeout_s: float, groups: dict) -> list[str]:
+def enable(timeout_s: float, groups: dict, attention_exchanges: bool = True) -> list[str]:
     """Open a channel for each of `groups` ({name: process group or None}; "vae" is the group
     distvae shards the VAE over) and route the exchanges above through them. A collective:
-    every rank calls it at the same point of start-up. Returns the names now served."""
+    every rank calls it at the same point of start-up. Returns the names now served.
+
+    `attention_exchanges` False leaves the all-to-alls and ring blocks inside the transformer
+    blocks on gloo: where the blocks are compiled, dynamo traces gloo's collectives into the
+    graph (as NCCL's on a GPU) but would trace this module's Python and recompile on its
+    counters."""
     spin = ranks_have_own_cores()
     routed = []
     for name, group in groups.items():
@@ -168,9 +173,10 @@ def enable(timeout_s: float, groups: dict) -> list[str]:
         patch_utils.dist = conv_mixin.dist = _DistvaeDistributed()
         conv_mixin.exchange_halo = _exchange_halo
     if routed:
-        usp._sdpa_all_to_all_single = _all_to_all
         GroupCoordinator.all_gather = _all_gather
-        sp_padding.use_ring_channels(shm_exchange.channel_for)
+        if attention_exchanges:
+            usp._sdpa_all_to_all_single = _all_to_all
+            sp_padding.use_ring_channels(shm_exchange.channel_for)
         log.info("shared-memory exchanges for: %s", ", ".join(routed))
     return routed
 

@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                     results[f"frames_{index}"] = result.frames
                     timings.append({"index": index, "round": round_,
                                     "wall": time.perf_counter() - t0, **result.timings,
-                                    "forwards": result.forwards, "cache": result.cache})
+                                    "forwards": result.forwards, "cache": result.cache,
+                                    "recompiles": (model.compiled.report["recompiles"]
+                                                   if model.compiled else None)})
         if ctx.is_driver:
             np.savez(ours.out, **results)
             with open(ours.out + ".json", "w") as f:
                 json.dump({"layout": cfg.layout.describe(), "world_size": ctx.world_size,
                            "load_s": load_s, "adapters": model.info["adapters"],
                            "sharding": model.info.get("sharding"),
+                           "compile": model.info["compile"],
                            "runs": timings}, f, indent=1)
         return 0
     finally:

@@ -127,5 +127,7 @@ def end_of_job(ctx: DistContext, model: ServedModel) -> None:
     """One sync point after every job that all ranks must reach. A rank that died or is
     stuck makes it raise (the step channel has a bounded timeout): the engine is broken."""
     agree(ctx, False)
+    if model.compiled is not None:
+        model.compiled.refresh()
     if model.after_job is not None:
         model.after_job()

@@ -5,16 +5,19 @@
 `reqs.json` is a list of dicts of GenerationRequest fields (`width`, `height`, `seed`,
 `guidance_scale`, `lora` and `cache` (as the API takes them), `sample_solver`, ...; the preset's defaults fill
 the rest) plus `image_seed` for the seeded synthetic first frame (`null`: none, text-to-video)
-and `last_image_seed` for a last frame. Used by the multi-rank equivalence tests and the
-benchmarks: the same code path as the server's ranks, without HTTP.
+and `last_image_seed` for a last frame, and `"eager": true` to run that request with the
+compiled blocks uncompiled (`torch.compiler.set_stance("force_eager")`). Used by the multi-rank
+equivalence tests and the benchmarks: the same code path as the server's ranks, without HTTP.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import numpy as np
+import torch
 
 from wanserve.engine.adapters.choice import resolve_lora
 from wanserve.engine.assembly import assemble
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 model.features)
                 request = broadcast_message(ctx, request)
                 t0 = time.perf_counter()
-                result = run_request(ctx, model, request)
+                # "eager": true runs the compiled blocks uncompiled (the same modules)
+                with (torch.compiler.set_stance("force_eager") if spec.get("eager")
+                      else contextlib.nullcontext()):
+                    result = run_request(ctx, model, request)
                 end_of_job(ctx, model)
                 if ctx.is_driver:
                     results[f"frames_{index}"] = result.frames

@@ -2,10 +2,13 @@
 
 Written for torch 2.13 and diffusers 0.42.1: diffusers' `compile_repeated_blocks` compiles
 every `WanTransformerBlock` (the class named in the model's `_repeated_blocks`) in place with
-`module.compile(...)`. The blocks share one compiled graph (dynamo treats a module's
-parameters as inputs), so one compile serves every block of both experts, and whatever runs
-the blocks (xfuser's sequence-parallel wrapper, cache-dit's cached blocks) runs the compiled
-ones. With `dynamic: true` a new size reuses that graph instead of compiling again.
+`module.compile(...)`. The blocks share their compiled graphs (dynamo treats a module's
+parameters as inputs), so the compile is paid once for every block of both experts, and
+whatever runs the blocks (xfuser's sequence-parallel wrapper, cache-dit's cached blocks) runs
+the compiled ones. Measured on the tiny model: two graphs, one for the first block (its input
+is a view of the patch embedding) and one for the rest; under sequence parallelism a size
+whose tokens xfuser pads (not a multiple of the SP degree) adds its own two, once. With
+`dynamic: true` any other new size reuses them instead of compiling again.
 
 Compiling happens on the first forward; the engine runs a warm-up request through it before
 the ready barrier, so no client pays for it. Every compile dynamo makes in this process is

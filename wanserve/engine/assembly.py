@@ -22,6 +22,7 @@ from wanserve.engine.adapters.lora import Adapters, load_adapters
 from wanserve.engine.config import ServerConfig
 from wanserve.engine.parallel.distributed import DistContext, gather_to_all
 from wanserve.engine.model.features import ModelFeatures, features_of
+from wanserve.engine.model.memory_plan import MemoryPlan, ModelShapes, Placement
 from wanserve.engine.model.model_layouts import RandomModel
 from wanserve.engine.model.offload import EXPERTS, ExpertOffload, place_on_device
 from wanserve.engine.parallel.runtime import shard_vae, start_parallel_runtime
@@ -49,6 +50,7 @@ class ServedModel:
     adapters: Adapters | None = None  # the per-request LoRA switch
     features: ModelFeatures = ModelFeatures()  # what requests may ask of it
     step_cache: StepCache | None = None  # cache-dit on the experts (None: cache.policy off)
+    memory_plan: MemoryPlan | None = None  # rank 0's: the bytes a request will take per rank
 
 
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
@@ -73,6 +75,19 @@ def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomM
     loaded["peak_memory"] = {key: None if value is None else round(value, 1)
                              for key, value in peaks.items()}
     return pipe, loaded
+
+
+def plan_memory(cfg: ServerConfig, ctx: DistContext, pipe, vae_sharded: bool) -> MemoryPlan:
+    """The memory plan of this model as this server places it (wanserve/engine/model/memory_plan.py)."""
+    layout = cfg.layout
+    placement = Placement(
+        dtype=DTYPES[cfg.dtype], vae_dtype=DTYPES[cfg.vae_dtype],
+        shard_ranks=ctx.replica_size if cfg.shard_weights else 1,
+        offload_inactive_expert=cfg.offload_inactive_expert,
+        text_encoder_on_device=cfg.text_encoder != "cpu",
+        sequence_parallel=layout.ulysses * layout.ring,
+        vae_ranks=ctx.replica_size if vae_sharded else 1)
+    return MemoryPlan.build(ModelShapes.of_pipeline(pipe), placement)
 
 
 def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel) -> ServedModel:
@@ -101,6 +116,9 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
         info["sharding"] = sharding
     info["prompt_cache"] = attach_prompt_cache(pipe, cfg.defaults.negative_prompt,
                                                cfg.defaults.guidance_scale)
+    memory_plan = plan_memory(cfg, ctx, pipe, vae_group is not None) if ctx.is_driver else None
+    if memory_plan is not None:
+        log.info("memory plan per rank: %s", memory_plan.report())
     after_job = None
     if ctx.device.type == "cpu":
         info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group)
@@ -108,4 +126,4 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
     return ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
-                       features_of(pipe), step_cache)
+                       features_of(pipe), step_cache, memory_plan)

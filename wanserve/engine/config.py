@@ -104,6 +104,7 @@ class ServerConfig:
     offload_inactive_expert: bool = False
     text_encoder: str = "device"  # or "cpu": UMT5 kept in host memory and run there
     shard_weights: bool = False  # the experts split over each replica's ranks (FSDP2)
+    memory_budget_gib: float | None = None  # per rank: a request planned over it gets a 400
     cpu: CpuSettings = field(default_factory=CpuSettings)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -281,6 +282,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                          f"got {text_encoder!r}")
     offload = bool(args.offload_inactive_expert or memory.get("offload_inactive_expert"))
     shard_weights = bool(args.shard_weights or parallel.get("shard_weights"))
+    budget = memory.get("budget_gib")
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        raise SystemExit(f"memory.budget_gib must be a positive number of GiB, got {budget!r}")
     _check_sharding(shard_weights, offload, adapters, lora_dir, tree)
     cache = parse_settings(tree.get("cache"))
     check_policy(cache, layout.dp)
@@ -301,6 +305,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         offload_inactive_expert=offload,
         text_encoder=text_encoder,
         shard_weights=shard_weights,
+        memory_budget_gib=None if budget is None else float(budget),
         cpu=_cpu_settings(tree),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),

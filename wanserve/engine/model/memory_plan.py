@@ -39,6 +39,7 @@ import torch
 from wanserve.engine.model.fake_trace import fake_module, peak_bytes
 
 GIB = 2**30
+TRACE_VERSION = 1  # part of the cache key: change it when the traces change
 TEXT_TOKENS = 512  # the UMT5 sequence every Wan2.2 pipeline pads prompts to
 
 
@@ -253,8 +254,8 @@ def cached_activations(shapes: ModelShapes, dtype: torch.dtype, vae_dtype: torch
 
     from wanserve.engine.model.tiny_model import default_cache_dir
 
-    key = json.dumps([dataclasses.asdict(shapes), str(dtype), str(vae_dtype), torch.__version__,
-                      diffusers.__version__], sort_keys=True, default=str)
+    key = json.dumps([TRACE_VERSION, dataclasses.asdict(shapes), str(dtype), str(vae_dtype),
+                      torch.__version__, diffusers.__version__], sort_keys=True, default=str)
     folder = Path(cache_dir or default_cache_dir()) / "memory-plans"
     path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():

@@ -51,17 +51,22 @@ BUDGET_GIB = 0.78  # at 512x512 the tiny plan's decode fits some frames, not 49
 
 
 def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
-    """Checked with: `check_budget` returning at once (wanserve/api/memory_budget.py): the
-    over-budget request was queued (202)."""
+    """The server also decodes in tiles (`memory.vae_tiling`): the next request, 320x320, is
+    wider than a tile, so its frames come from the whole tiled video.
+    Checked with: `check_budget` returning at once (wanserve/api/memory_budget.py): the
+    over-budget request was queued (202); `tiled = False` in wanserve/engine/serving/generate.py:
+    the tiles' outputs taken as frames, the MP4 had 20 frames, not 5."""
     import base64
 
     from conftest import assert_client_error, png_bytes, start_server
     from test_http_e2e import decode_frames
 
-    srv = start_server(tmp_path, "--set", f"memory.budget_gib={BUDGET_GIB}")
+    srv = start_server(tmp_path, "--set", f"memory.budget_gib={BUDGET_GIB}",
+                       "--set", "memory.vae_tiling=true")
     try:
         plan = requests.get(srv.url + "/health", timeout=5).json()["memory_plan"]
         assert plan["budget_gib"] == BUDGET_GIB and plan["weights_gib"]["experts"] > 0, plan
+        assert "VAE tiled" in plan["placement"], plan
         assert all(frames == 49 for frames in plan["max_frames"].values()), plan
 
         def create(size: str, frames: int, steps: int = 1, prefer_async: bool = True):
@@ -81,7 +86,7 @@ def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
         assert assert_client_error(again.status_code, again.content, "one step over")[
             "param"] == "num_frames"
 
-        done = create("64x64", 5, prefer_async=False)
+        done = create("320x320", 5, prefer_async=False)
         assert done.status_code == 200, done.text[:300]
         mp4 = base64.b64decode(done.json()["data"][0]["b64_json"])
         assert decode_frames(mp4).shape[0] == 5

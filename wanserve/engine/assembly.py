@@ -86,7 +86,7 @@ def plan_memory(cfg: ServerConfig, ctx: DistContext, pipe, vae_sharded: bool) ->
         offload_inactive_expert=cfg.offload_inactive_expert,
         text_encoder_on_device=cfg.text_encoder != "cpu",
         sequence_parallel=layout.ulysses * layout.ring,
-        vae_ranks=ctx.replica_size if vae_sharded else 1)
+        vae_ranks=ctx.replica_size if vae_sharded else 1, vae_tiling=cfg.vae_tiling)
     return MemoryPlan.build(ModelShapes.of_pipeline(pipe), placement)
 
 
@@ -96,6 +96,8 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
                              require=cfg.attention_backend)
     pipe, loaded = load_weights(cfg, ctx, model_path)
     pipe.vae.to(DTYPES[cfg.vae_dtype])  # loaded in float32, as the checkpoints ship it
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()  # diffusers' tiles: 256x256 pixels, 192 apart
     # every rank's peak while loading, in rank order (rank 0 reports them all)
     loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert,

@@ -54,6 +54,9 @@ class Placement:
     text_encoder_on_device: bool = True
     sequence_parallel: int = 1  # ulysses × ring: the ranks one forward's tokens are split over
     vae_ranks: int = 1  # ranks the VAE encode and decode are split over by rows
+    # diffusers' tiled encode and decode: planned as untiled (an over-estimate: tiles bound the
+    # temporaries, BENCHMARKS.md "Tiled VAE" says by how much)
+    vae_tiling: bool = False
 
     def label(self) -> str:
         parts = [f"SP{self.sequence_parallel}"]
@@ -63,6 +66,8 @@ class Placement:
             parts.append("offload")
         if not self.text_encoder_on_device:
             parts.append("text encoder on cpu")
+        if self.vae_tiling:
+            parts.append("VAE tiled (planned as untiled)")
         return ", ".join(parts)
 
 

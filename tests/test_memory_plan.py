@@ -47,6 +47,21 @@ def test_planned_activations_track_the_measured_high_water_mark(measured):
     assert big["measured_mib"] > 1.5 * small["measured_mib"], measured["sizes"]
 
 
+def test_start_up_refuses_a_bad_budget_and_tiles_on_a_sharded_vae():
+    """Checked with: the `vae_tiling and layout.replica_size > 1` check removed
+    (wanserve/engine/config.py): the U2 preset with tiling and the sharded VAE loaded."""
+    from wanserve.engine.config import load_config
+
+    for bad in ("-1", "lots"):
+        with pytest.raises(SystemExit, match="memory.budget_gib must be a positive number"):
+            load_config(["--set", f"memory.budget_gib={bad}"])
+    with pytest.raises(SystemExit, match="parallel.vae: false"):
+        load_config(["--ulysses", "2", "--set", "memory.vae_tiling=true"])
+    tiled = load_config(["--ulysses", "2", "--set", "memory.vae_tiling=true",
+                         "--set", "parallel.vae=false", "--set", "memory.budget_gib=70"])
+    assert tiled.vae_tiling and tiled.memory_budget_gib == 70.0
+
+
 BUDGET_GIB = 0.78  # at 512x512 the tiny plan's decode fits some frames, not 49
 
 
@@ -55,7 +70,7 @@ def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
     wider than a tile, so its frames come from the whole tiled video.
     Checked with: `check_budget` returning at once (wanserve/api/memory_budget.py): the
     over-budget request was queued (202); `tiled = False` in wanserve/engine/serving/generate.py:
-    the tiles' outputs taken as frames, the MP4 had 20 frames, not 5."""
+    the tiles' outputs taken as frames, the request failed 500 (tiles of unequal sizes)."""
     import base64
 
     from conftest import assert_client_error, png_bytes, start_server

@@ -50,11 +50,11 @@ def traced_a14b(width: int, height: int, latent_frames: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from wanserve.engine.model.fake_trace import fake_module, peak_bytes
-    from wanserve.engine.model.memory_plan import _vae
+    from wanserve.engine.model.memory_plan import build_vae
     from wanserve.engine.model.model_layouts import WAN22_I2V_A14B
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    vae = fake_module(lambda: _vae(WAN22_I2V_A14B.vae, torch.float32), fake)
+    vae = fake_module(lambda: build_vae(WAN22_I2V_A14B.vae, torch.float32), fake)
     peaks = {}
     for tiled in (False, True):
         if tiled:

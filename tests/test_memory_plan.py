@@ -21,14 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 # (width, height, frames): latent 32x32 and 48x48, two latent frames
 CUT_SIZES = [(256, 256, 5), (384, 384, 5)]
 # the plan's activation peak / the measured rise stays within this factor either way
-FACTOR = 2.0
+FACTOR = 1.25
 
 
 @pytest.fixture(scope="module")
 def measured():
     from conftest import torchrun_script
 
-    return torchrun_script(__file__, 1, timeout=600)
+    # glibc hands every block over 64 KiB back to the system when it is freed: the resident
+    # memory is then what is alive, and a request's rise is not hidden by pages an earlier one
+    # left in the heap
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+        env.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+        return torchrun_script(__file__, 1, timeout=600)
 
 
 def test_plan_weights_equal_the_loaded_parameter_bytes(measured):
@@ -38,8 +44,8 @@ def test_plan_weights_equal_the_loaded_parameter_bytes(measured):
 
 
 def test_planned_activations_track_the_measured_high_water_mark(measured):
-    """Checked with: the VAE fit's per-pixel part halved (`VaeFit(... / area / 2, ...)` in
-    `trace_activations`): the plan fell under half the measured rise."""
+    """Checked with: the VAE fit's per-pixel part halved (`self.per_pixel / 2` in
+    `VaeFit.at`): the plan fell to 0.49 of the measured rise."""
     for size in measured["sizes"]:
         ratio = size["planned_mib"] / size["measured_mib"]
         assert 1 / FACTOR <= ratio <= FACTOR, measured["sizes"]
@@ -66,8 +72,8 @@ BUDGET_GIB = 0.78  # at 512x512 the tiny plan's decode fits some frames, not 49
 
 
 def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
-    """The server also decodes in tiles (`memory.vae_tiling`): the next request, 320x320, is
-    wider than a tile, so its frames come from the whole tiled video.
+    """The server also decodes in tiles (`memory.vae_tiling`): the next request, 320x320 (one
+    frame, to be quick), is wider than a tile, so its frame comes from the whole tiled video.
     Checked with: `check_budget` returning at once (wanserve/api/memory_budget.py): the
     over-budget request was queued (202); `tiled = False` in wanserve/engine/serving/generate.py:
     the tiles' outputs taken as frames, the request failed 500 (tiles of unequal sizes)."""
@@ -101,10 +107,10 @@ def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
         assert assert_client_error(again.status_code, again.content, "one step over")[
             "param"] == "num_frames"
 
-        done = create("320x320", 5, prefer_async=False)
+        done = create("320x320", 1, prefer_async=False)
         assert done.status_code == 200, done.text[:300]
         mp4 = base64.b64decode(done.json()["data"][0]["b64_json"])
-        assert decode_frames(mp4).shape[0] == 5
+        assert decode_frames(mp4).shape[0] == 1
     finally:
         assert srv.stop() == 0
 
@@ -120,7 +126,7 @@ def _measure() -> dict:
     from wanserve.engine.serving.worker import end_of_job, run_request
     from wanserve.engine.startup import resolve_model_path
 
-    # glibc's own malloc settings: freed memory kept in the process would hide the next rise
+    # freed memory kept in the process (the CPU vehicle's default) would hide the next rise
     cfg = load_config(["--dtype", "bfloat16", "--set", "cpu.keep_freed_memory=false"])
     ctx = init_distributed(cfg.layout, cfg.collective_timeout_s)
     host = ctx.device

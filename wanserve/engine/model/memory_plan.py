@@ -133,7 +133,7 @@ def _transformer(config: dict, dtype: torch.dtype, **overrides):
     return _in_load_dtypes(model, dtype, WanTransformer3DModel._keep_in_fp32_modules)
 
 
-def _vae(config: dict, dtype: torch.dtype):
+def build_vae(config: dict, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan
 
     return torch.nn.Module.to(AutoencoderKLWan.from_config(config), dtype)
@@ -168,7 +168,7 @@ def component_bytes(shapes: ModelShapes, dtype: torch.dtype, vae_dtype: torch.dt
     the experts also one block's and the root's (what is not in a block)."""
     with torch.device("meta"):
         expert = _transformer(shapes.transformer, dtype)
-        vae = _vae(shapes.vae, vae_dtype)
+        vae = build_vae(shapes.vae, vae_dtype)
         text_encoder = _text_encoder(shapes.text_encoder, dtype)
     block = _bytes(expert.blocks[0])
     total = _bytes(expert)
@@ -206,7 +206,7 @@ def trace_activations(shapes: ModelShapes, dtype: torch.dtype,
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     cfg = shapes.transformer
     one_block = fake_module(lambda: _transformer(cfg, dtype, num_layers=1), fake)
-    vae = fake_module(lambda: _vae(shapes.vae, vae_dtype), fake)
+    vae = fake_module(lambda: build_vae(shapes.vae, vae_dtype), fake)
     _, patch_h, patch_w = cfg["patch_size"]
 
     def forward(frames: int, side: int) -> int:

@@ -20,6 +20,7 @@ from wanserve.api.capabilities import model_capabilities
 from wanserve.api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from wanserve.api.events import follow
+from wanserve.api.memory_budget import plan_report
 from wanserve.api.openapi import openapi_spec
 from wanserve.api.sdk_forms import nest_bracketed
 from wanserve.api.serving import VideoService, validate_listing
@@ -244,6 +245,8 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
             body["error"] = engine.error
         if engine and engine.offload:
             body["expert_swaps"] = engine.offload.swaps
+        if engine and engine.memory_plan is not None:
+            body["memory_plan"] = plan_report(engine.memory_plan, cfg)
         return json(body, status=200 if state == "ready" else 503)
 
     @app.get("/v1/models")

@@ -24,6 +24,7 @@ from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed, 
                         RateLimited)
 from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
 from wanserve.api.metrics import Metrics
+from wanserve.api.memory_budget import check_budget
 from wanserve.api.pacing import PollPacer
 from wanserve.api.params import parse_params, resolve_request
 from wanserve.api.mp4_stream import StreamedMp4
@@ -80,6 +81,7 @@ class VideoService:
         engine = self._require_engine()
         job_id = new_job_id()
         params, request = self.request_for(job_id, fields, files)
+        check_budget(request, engine.memory_plan, self.cfg)
         job = Job(id=job_id, status="queued", created_at=int(time.time()),
                   model=self.cfg.served_model_name, prompt=request.prompt,
                   seconds=f"{request.num_frames / request.fps:g}",

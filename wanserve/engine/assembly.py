@@ -22,6 +22,7 @@ from wanserve.engine.adapters.lora import Adapters, load_adapters
 from wanserve.engine.config import ServerConfig
 from wanserve.engine.parallel.distributed import DistContext, gather_to_all
 from wanserve.engine.model.features import ModelFeatures, features_of
+from wanserve.engine.model.memory_plan import MemoryPlan, ModelShapes, Placement
 from wanserve.engine.model.model_layouts import RandomModel
 from wanserve.engine.model.offload import EXPERTS, ExpertOffload, place_on_device
 from wanserve.engine.parallel.runtime import shard_vae, start_parallel_runtime
@@ -53,6 +54,7 @@ class ServedModel:
     features: ModelFeatures = ModelFeatures()  # what requests may ask of it
     step_cache: StepCache | None = None  # cache-dit on the experts (None: cache.policy off)
     compiled: CompiledBlocks | None = None  # the compiled blocks (None: compile.policy off)
+    memory_plan: MemoryPlan | None = None  # rank 0's: the bytes a request will take per rank
 
 
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
@@ -79,12 +81,27 @@ def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomM
     return pipe, loaded
 
 
+def plan_memory(cfg: ServerConfig, ctx: DistContext, pipe, vae_sharded: bool) -> MemoryPlan:
+    """The memory plan of this model as this server places it (wanserve/engine/model/memory_plan.py)."""
+    layout = cfg.layout
+    placement = Placement(
+        dtype=DTYPES[cfg.dtype], vae_dtype=DTYPES[cfg.vae_dtype],
+        shard_ranks=ctx.replica_size if cfg.shard_weights else 1,
+        offload_inactive_expert=cfg.offload_inactive_expert,
+        text_encoder_on_device=cfg.text_encoder != "cpu",
+        sequence_parallel=layout.ulysses * layout.ring,
+        vae_ranks=ctx.replica_size if vae_sharded else 1, vae_tiling=cfg.vae_tiling)
+    return MemoryPlan.build(ModelShapes.of_pipeline(pipe), placement)
+
+
 def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel) -> ServedModel:
     """Build the pipeline the same way on every rank (a collective: every rank calls it)."""
     backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring,
                              require=cfg.attention_backend)
     pipe, loaded = load_weights(cfg, ctx, model_path)
     pipe.vae.to(DTYPES[cfg.vae_dtype])  # loaded in float32, as the checkpoints ship it
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()  # diffusers' tiles: 256x256 pixels, 192 apart
     # every rank's peak while loading, in rank order (rank 0 reports them all)
     loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert,
@@ -107,15 +124,18 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
         info["sharding"] = sharding
     info["prompt_cache"] = attach_prompt_cache(pipe, cfg.defaults.negative_prompt,
                                                cfg.defaults.guidance_scale)
+    memory_plan = plan_memory(cfg, ctx, pipe, vae_group is not None) if ctx.is_driver else None
+    if memory_plan is not None:
+        log.info("memory plan per rank: %s", memory_plan.report())
     after_job = None
     if ctx.device.type == "cpu":
         info["cpu_tuning"], after_job = cpu.tune(pipe, cfg.cpu, ctx, vae_group,
-                                                       blocks_compiled=compiled is not None)
+                                                 blocks_compiled=compiled is not None)
     if ctx.is_driver:
         log.info("attention backend: %s (%s); parallel parts: %s", backend.name, backend.reason,
                  parallel)
     model = ServedModel(pipe, info, vae_group is not None, offload, after_job, adapters,
-                        features_of(pipe), step_cache, compiled)
+                        features_of(pipe), step_cache, compiled, memory_plan)
     if compiled is not None:  # the graphs built before the ready barrier, not by a client
         start = time.perf_counter()
         warm_up(model, cfg)

@@ -106,6 +106,8 @@ class ServerConfig:
     offload_inactive_expert: bool = False
     text_encoder: str = "device"  # or "cpu": UMT5 kept in host memory and run there
     shard_weights: bool = False  # the experts split over each replica's ranks (FSDP2)
+    memory_budget_gib: float | None = None  # per rank: a request planned over it gets a 400
+    vae_tiling: bool = False  # diffusers' tiled VAE encode and decode (`enable_tiling`)
     cpu: CpuSettings = field(default_factory=CpuSettings)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -287,6 +289,14 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                          f"got {text_encoder!r}")
     offload = bool(args.offload_inactive_expert or memory.get("offload_inactive_expert"))
     shard_weights = bool(args.shard_weights or parallel.get("shard_weights"))
+    vae_tiling = bool(memory.get("vae_tiling", False))
+    if vae_tiling and layout.replica_size > 1 and str(parallel.get("vae", "auto")).lower() != "false":
+        raise SystemExit("memory.vae_tiling decodes on one rank in tiles; the VAE is sharded by "
+                         "rows over the replica's ranks unless parallel.vae is false: set "
+                         "parallel.vae: false, or leave memory.vae_tiling off")
+    budget = memory.get("budget_gib")
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        raise SystemExit(f"memory.budget_gib must be a positive number of GiB, got {budget!r}")
     _check_sharding(shard_weights, offload, adapters, lora_dir, tree)
     compile_settings = compiled_blocks.parse_settings(tree.get("compile"), args.compile)
     compiled_blocks.check_combination(compile_settings, shard_weights)
@@ -309,6 +319,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         offload_inactive_expert=offload,
         text_encoder=text_encoder,
         shard_weights=shard_weights,
+        memory_budget_gib=None if budget is None else float(budget),
+        vae_tiling=vae_tiling,
         cpu=_cpu_settings(tree),
         host=pick("host", "127.0.0.1"),
         port=int(pick("port", 8000)),

@@ -82,6 +82,7 @@ class Engine:
         self.error: str | None = None
         self.info: dict = {}  # what runs where (attention backend, parallel parts), once loaded
         self.features = ModelFeatures()  # what requests may ask of the model, once loaded
+        self.memory_plan = None  # wanserve/engine/model/memory_plan.py, once loaded
         self.offload = None  # wanserve.engine.model.offload.ExpertOffload when the inactive expert is offloaded
         self.prompt_cache = None  # rank 0's (wanserve/engine/model/prompt_cache.py), once loaded
         self._stopping = False
@@ -161,6 +162,7 @@ class Engine:
             return
         self.info = model.info
         self.features = model.features
+        self.memory_plan = model.memory_plan
         self.offload = model.offload
         self.prompt_cache = model.pipe.prompt_cache
         for replica in self.replicas:

@@ -27,9 +27,21 @@ def chunk_frames(pipe, decoded: torch.Tensor) -> np.ndarray:
     patch_size = pipe.vae.config.patch_size
     if patch_size is not None:
         decoded = unpatchify(decoded, patch_size=patch_size)
-    decoded = torch.clamp(decoded, min=-1.0, max=1.0)
-    frames = pipe.video_processor.postprocess_video(decoded, output_type="np")
+    return _as_frames(pipe, torch.clamp(decoded, min=-1.0, max=1.0))
+
+
+def _as_frames(pipe, video: torch.Tensor) -> np.ndarray:
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")
     return np.asarray(frames[0], dtype=np.float32)
+
+
+def whole_video_frames(pipe, video: torch.Tensor, sink: FrameSink | None) -> np.ndarray:
+    """`vae.decode`'s whole output (unpatchified and clamped there) as float32 frames, handed
+    to `sink` in one chunk."""
+    frames = _as_frames(pipe, video)
+    if sink is not None:
+        sink.put(frames)
+    return frames
 
 
 def frame_collector(pipe, sink: FrameSink | None) -> tuple[Callable, list[np.ndarray]]:

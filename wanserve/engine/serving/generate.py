@@ -19,7 +19,7 @@ from wanserve.engine.adapters.lora import Adapters
 from wanserve.engine.model.peak_memory import read_peak, reset_peak
 from wanserve.engine.model.pipeline import WanServePipeline
 from wanserve.engine.model.step_cache import StepCache
-from wanserve.engine.serving.frames import FrameSink, frame_collector
+from wanserve.engine.serving.frames import FrameSink, frame_collector, whole_video_frames
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled
 
 StepHook = Callable[[int, int], bool]  # (steps done, total) -> cancel?
@@ -90,11 +90,16 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = clock()
-    after_each_frame, chunks = frame_collector(view, sink) if frames else (None, [])
-    decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request), after_each_frame)
+    # a tiled decode (memory.vae_tiling) calls the decoder once per tile and latent frame: its
+    # calls give tiles, so the frames are taken from the whole video at the end
+    tiled = bool(getattr(view.vae, "use_tiling", False))
+    after_each_frame, chunks = (frame_collector(view, sink) if frames and not tiled
+                                else (None, []))
+    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request),
+                           after_each_frame)
     if not frames:
         return None
-    result = np.concatenate(chunks)
+    result = np.concatenate(chunks) if not tiled else whole_video_frames(view, video, sink)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
     peak_mb, peak_kind = read_peak(pipe._execution_device)

@@ -83,7 +83,7 @@ bench: install
 
 reliability: install
 	$(VPY) -m pytest -q tests/test_hardening.py tests/test_malformed.py tests/test_params.py tests/test_openapi_fuzz.py \
-	  tests/test_jobs_lifecycle.py tests/test_restarts.py \
+	  tests/test_jobs_lifecycle.py tests/test_restarts.py tests/test_disk_bounds.py tests/test_storm.py \
 	  tests/test_multirank_server.py::test_killed_rank_answers_the_caller_and_stops_the_server_with_the_reason \
 	  "tests/test_http_e2e.py::test_invalid_values_name_the_param" \
 	  "tests/test_http_e2e.py::test_missing_image_unsupported_types_and_oversize" tests/test_images_video.py

@@ -98,19 +98,21 @@ def test_client_that_vanishes_mid_upload_does_not_hurt_the_server(server):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_fails_the_job_and_the_server_lives(tmp_path):
+    """A write that fails for want of room (no free-space threshold: `--min-free-bytes 0`;
+    the threshold's refusal is tests/test_disk_bounds.py's)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)
     try:
-        srv = start_server(tmp_path, data_dir=disk)
+        srv = start_server(tmp_path, "--min-free-bytes", "0", data_dir=disk)
         try:
             filler = disk / "filler"
             room = shutil.disk_usage(disk).free - 24 * 1024  # leave too little for a video
             with open(filler, "wb") as f:
                 f.write(b"\1" * room)
             resp = submit(srv, {"size": "256x256", "num_frames": "9"}, prefer_async=False)
-            assert resp.status_code == 500, resp.text
-            assert resp.json()["error"]["code"] == "storage_failed"
+            assert resp.status_code == 507, resp.text
+            assert resp.json()["error"]["code"] == "insufficient_storage"
             assert requests.get(srv.url + "/health", timeout=5).status_code == 200
             filler.unlink()
             assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"

@@ -46,6 +46,11 @@ class EngineUnavailable(APIError):
     type = "server_error"
 
 
+class InsufficientStorage(APIError):
+    status = 507
+    type = "server_error"
+
+
 class GenerationFailed(APIError):
     status = 500
     type = "server_error"

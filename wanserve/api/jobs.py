@@ -198,10 +198,14 @@ class JobStore:
         return True
 
     def expire(self, now: float | None = None) -> int:
+        """Removes the finished jobs past their TTL: a completed one at its `expires_at`, a
+        failed or cancelled one (no video, no `expires_at`) the TTL after it ended."""
         now = now if now is not None else time.time()
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE expires_at IS NOT NULL AND "
-                                    "expires_at <= ?", (int(now),)).fetchall()
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status IN (?, ?, ?) AND "
+                "COALESCE(expires_at, completed_at + ?) <= ?",
+                (*TERMINAL, self.ttl_s, int(now))).fetchall()
         for (job_id,) in rows:
             self.delete(job_id)
         return len(rows)
@@ -241,6 +245,20 @@ class JobStore:
             rows = self._db.execute(sql, args).fetchall()
             jobs = [self._live.get(r[0]) or self._from_row(r) for r in rows]
         return jobs[:limit], len(jobs) > limit
+
+    def finished_oldest_first(self) -> list[tuple[str, str | None]]:
+        """(id, video file) of every finished job, the one that ended first first."""
+        with self._lock:
+            return self._db.execute("SELECT id, video_file FROM jobs WHERE status IN (?, ?, ?) "
+                                    "ORDER BY completed_at, created_ns", TERMINAL).fetchall()
+
+    def is_live(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._live
+
+    def row_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -24,6 +24,8 @@ class Metrics:
         self.job_seconds = Histogram("wanserve_job_seconds",
                                      "seconds from start of generation to a stored MP4",
                                      ["replica"], buckets=JOB_BUCKETS, registry=r)
+        self.evicted = Counter("wanserve_evicted", "finished jobs removed to keep the store "
+                               "within --max-stored-videos / --max-stored-bytes", registry=r)
         self.replica_jobs = Counter("wanserve_replica_jobs", "jobs each replica started",
                                     ["replica"], registry=r)
         self.cache_steps = Counter("wanserve_cache_steps", "denoising steps of completed jobs, "

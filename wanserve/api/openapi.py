@@ -180,7 +180,7 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                     "responses": {"200": (_json("Video", "queued") if cfg.create_response == "async"
                                           else _json("VideoSync")),
                                   "202": _json("Video", "queued"),
-                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503)},
+                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503, 507)},
                 },
                 "get": {
                     "summary": "List videos",
@@ -208,7 +208,7 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                                           "headers": {
                                               name: {"schema": {"type": "string"}} for name in
                                               ("X-Request-Id", "X-Model", "X-Inference-Time-S")}},
-                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503)},
+                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503, 507)},
                 },
             },
             "/v1/videos/{video_id}/events": {

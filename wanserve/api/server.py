@@ -16,8 +16,6 @@ from wanserve.engine.serving.engine import Engine
 
 log = logging.getLogger("wanserve.api")
 
-MAX_EXPIRY_INTERVAL_S = 60
-
 
 def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
     """Blocks until the server stops; returns the process exit code (non-zero when the
@@ -37,14 +35,19 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         resumed = settle_interrupted(service)
         engine.start()
         app.add_task(resume_interrupted(service, resumed), name="resume-jobs")
-        app.add_task(expire_videos(), name="expire-videos")
+        app.add_task(sweep_store(), name="sweep-store")
 
-    async def expire_videos():
+    async def sweep_store():
+        """Expired jobs, the store's caps and leftovers (wanserve/api/retention.py)."""
+        retention = service.retention
         while True:
-            removed = await asyncio.get_running_loop().run_in_executor(None, store.expire)
-            if removed:
-                log.info("expired %d videos", removed)
-            await asyncio.sleep(max(1.0, min(MAX_EXPIRY_INTERVAL_S, cfg.video_ttl_s / 4)))
+            try:
+                report = await asyncio.get_running_loop().run_in_executor(None, retention.sweep)
+                if report.expired:
+                    log.info("expired %d videos", report.expired)
+            except Exception:  # a full disk, a file in use: the next sweep tries again
+                log.exception("sweeping the store failed")
+            await asyncio.sleep(retention.sweep_interval_s)
 
     stopping = False
 
@@ -61,7 +64,7 @@ def serve(cfg: ServerConfig, ctx: DistContext, load_model: Callable) -> int:
         nonlocal stopping, stopped_cleanly
         stopping = True
         service.begin_stop()
-        for task in ("resume-jobs", "expire-videos"):
+        for task in ("resume-jobs", "sweep-store"):
             await app.cancel_task(task, raise_exception=False)
         stopped_cleanly = await asyncio.get_running_loop().run_in_executor(
             None, engine.stop, cfg.stop_timeout_s)

@@ -14,19 +14,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from wanserve.api.events import EventHub
-from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed, InvalidRequest, NotFound,
-                        RateLimited)
+from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed,
+                                 InsufficientStorage, InvalidRequest, NotFound, RateLimited)
 from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
 from wanserve.api.metrics import Metrics
 from wanserve.api.memory_budget import check_budget
 from wanserve.api.pacing import PollPacer
 from wanserve.api.params import parse_params, resolve_request
+from wanserve.api.retention import Retention, StoreLimits
 from wanserve.api.mp4_stream import StreamedMp4
 from wanserve.api.video import encode_mp4
 from wanserve.engine.config import ServerConfig
@@ -41,6 +43,9 @@ class VideoService:
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
+        self.retention = Retention(store, StoreLimits(cfg.max_stored_videos, cfg.max_stored_bytes,
+                                                      cfg.min_free_bytes),
+                                   on_evicted=metrics.evicted.inc)
         self.engine: Engine | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_fatal_hook = None
@@ -79,6 +84,7 @@ class VideoService:
 
     def create_job(self, fields: dict, files: dict[str, bytes]) -> Job:
         engine = self._require_engine()
+        self._require_room()
         job_id = new_job_id()
         params, request = self.request_for(job_id, fields, files)
         check_budget(request, engine.memory_plan, self.cfg)
@@ -91,8 +97,12 @@ class VideoService:
                   quality=params.quality or "high")
         try:  # the seed pinned: a re-run after a restart makes the same video
             self.store.add(job, {**fields, "seed": request.seed}, files)
-        except (OSError, sqlite3.Error) as exc:  # a full disk
+        except (OSError, sqlite3.Error) as exc:
+            if _disk_full(exc):
+                raise InsufficientStorage(f"the server's disk is full: {exc}; the job was not "
+                                          "stored", code="insufficient_storage") from None
             raise GenerationFailed(f"could not store the job: {exc}", code="storage_failed") from None
+        self.retention.enforce_caps()
         queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
         try:
@@ -106,6 +116,14 @@ class VideoService:
         log.info("job %s queued: %s %s frames, %d steps, seed %d", job_id, job.size,
                  request.num_frames, request.num_inference_steps, request.seed)
         return queued
+
+    def _require_room(self) -> None:
+        """A full disk refuses new jobs; stored videos stay readable."""
+        if not self.retention.has_room():
+            raise InsufficientStorage(
+                f"the server's disk has less than {self.cfg.min_free_bytes} bytes free "
+                "(server.min_free_bytes); no new job is taken until there is room",
+                code="insufficient_storage")
 
     async def wait(self, job_id: str) -> Job:
         future = self._waiters.get(job_id)
@@ -262,6 +280,7 @@ class VideoService:
         for kind in ("computed", "cached"):
             for expert, n in ((result.cache or {}).get(kind) or {}).items():
                 self.metrics.cache_steps.labels(expert, kind).inc(n)
+        self.retention.enforce_caps()
         self.metrics.job_seconds.labels(self._replicas.pop(job_id, "0")).observe(
             time.perf_counter() - self._started.pop(job_id, start))
         log.info("job %s completed (%s)", job_id, timings)
@@ -333,6 +352,12 @@ class VideoService:
 
     def close(self) -> None:
         self._encoder.shutdown(wait=True)
+
+
+def _disk_full(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "full" in str(exc)  # sqlite3: "database or disk is full"
 
 
 def validate_listing(after: str | None, limit: str | None, order: str | None) -> tuple:

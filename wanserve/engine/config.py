@@ -26,6 +26,8 @@ MP4_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
                "slower", "veryslow")
 DEFAULT_MP4_PRESET = "veryfast"
 VAE_DTYPES = ("float32", "bfloat16")
+DEFAULT_MIN_FREE_BYTES = 256 << 20
+_BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class ServerConfig:
     job_timeout_s: float = 3600.0
     stop_timeout_s: float = 25.0  # a stop waits this long for the running job's next step
     video_ttl_s: float = 86400.0
+    max_stored_videos: int | None = None  # stored jobs, live ones included (oldest finished go)
+    max_stored_bytes: int | None = None  # bytes of stored MP4s (oldest finished go)
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES  # less free on --data-dir: new jobs refused
     api_key: str | None = None
     collective_timeout_s: float = 300.0
     log_level: str = "INFO"
@@ -150,6 +155,30 @@ def _vae_dtype(value) -> str:
     if str(value) not in VAE_DTYPES:
         raise SystemExit(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {value!r}")
     return str(value)
+
+
+def _byte_count(name: str, value) -> int | None:
+    """An amount of bytes: an integer, or a string with a K/M/G/T (binary) suffix; None or 0:
+    none given."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (text[:-1], text[-1]) if text[-1:] in _BYTE_SUFFIXES else (text, "")
+    try:
+        count = int(float(number) * _BYTE_SUFFIXES[suffix])
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of bytes (e.g. 500M, 20G), got {value!r}") from None
+    if count < 0:
+        raise SystemExit(f"{name} must not be negative, got {value!r}")
+    return count or None
+
+
+def _store_cap(value) -> int | None:
+    if value is None:
+        return None
+    if int(value) < 1:
+        raise SystemExit(f"server.max_stored_videos must be at least 1, got {value}")
+    return int(value)
 
 
 def _sizes(value) -> tuple[str, ...]:
@@ -211,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "before the server exits without it (default 25; more than one step takes)")
     p.add_argument("--video-ttl", type=float, dest="video_ttl_s",
                    help="seconds a completed video stays downloadable (expires_at)")
+    p.add_argument("--max-stored-videos", type=int,
+                   help="keep at most this many jobs in the store (queued and running ones count "
+                   "but are never evicted): the oldest finished go first (default: no cap)")
+    p.add_argument("--max-stored-bytes",
+                   help="keep at most this many bytes of MP4s (e.g. 20G): the oldest finished "
+                   "jobs go first (default: no cap)")
+    p.add_argument("--min-free-bytes",
+                   help="refuse new jobs (507 insufficient_storage) while --data-dir's file "
+                   "system has less free (default 256M; 0: only when a write fails)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
                    "(default: $WANSERVE_API_KEY)")
     p.add_argument("--collective-timeout", type=float, dest="collective_timeout_s",
@@ -330,6 +368,10 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         job_timeout_s=float(pick("job_timeout_s", 3600.0)),
         stop_timeout_s=float(pick("stop_timeout_s", 25.0)),
         video_ttl_s=float(pick("video_ttl_s", 86400.0)),
+        max_stored_videos=_store_cap(pick("max_stored_videos", None)),
+        max_stored_bytes=_byte_count("server.max_stored_bytes", pick("max_stored_bytes", None)),
+        min_free_bytes=_byte_count("server.min_free_bytes",
+                                   pick("min_free_bytes", DEFAULT_MIN_FREE_BYTES)) or 0,
         api_key=pick("api_key", None) or os.environ.get("WANSERVE_API_KEY") or None,
         collective_timeout_s=float(pick("collective_timeout_s", 300.0)),
         log_level=str(pick("log_level", "INFO")).upper(),

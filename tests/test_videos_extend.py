@@ -14,8 +14,10 @@ import PIL.Image
 import pytest
 import requests
 
-from conftest import assert_client_error, png_bytes
+from conftest import assert_client_error, png_bytes, start_server
 from test_http_e2e import decode_frames
+from test_jobs_lifecycle import wait_first_step, wait_status
+from test_videos_sdk import assert_sdk_video
 from wanserve.api.video import encode_mp4
 
 SOURCE = {"prompt": "a lighthouse in a storm", "size": "64x48", "num_frames": "9",
@@ -76,45 +78,79 @@ def test_extension_is_the_source_then_the_plain_request_from_its_last_frame(serv
     assert body["quality"] == "lossless"  # the source's, as the request gave none
     stored = requests.get(f"{server.url}/v1/videos/{body['id']}", timeout=5).json()
     assert (stored["extended_from"], stored["seconds"]) == (job["id"], body["seconds"])
+    for answer in (body, stored):
+        assert_sdk_video(answer, "completed")
 
 
-def test_uploaded_mp4_extends_the_same(server, source, extended):
-    """checked with: `source_of` reading a `video` file part as an id (400 `video` required)."""
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+SDK_EXTRA = {"num_inference_steps": NEW["num_inference_steps"], "seed": NEW["seed"]}
+
+
+def test_an_uploaded_mp4_extends_the_same_through_the_sdk(server, source, extended):
+    """The pinned SDK's `client.videos.extend` with `video` a file (the multipart part
+    `video`), `seconds` the new part's. checked with: `source_of` ignoring the file part
+    (`upload = None`: 400 `video` required)."""
     _, mp4, _ = source
     _, expected = extended
-    resp = requests.post(server.url + EXTENSIONS, timeout=300,
-                         data={**NEW, "num_frames": 9, "quality": "lossless"},
-                         files={"video": ("clip.mp4", mp4, "video/mp4")})
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert np.array_equal(decode_frames(base64.b64decode(body["data"][0]["b64_json"])), expected)
-    assert (body["extended_from"], body["source_frames"], body["seconds"]) == (None, 9, "2.125")
+    client = sdk(server)
+    video = client.videos.extend(prompt=NEW["prompt"], seconds="1",
+                                 video=("clip.mp4", mp4, "video/mp4"),
+                                 extra_body={**SDK_EXTRA, "quality": "lossless"})
+    assert (video.status, video.seconds, video.extended_from, video.source_frames) == (
+        "completed", "2.125", None, 9)
+    assert np.array_equal(decode_frames(client.videos.download_content(video.id).content),
+                          expected)
 
 
-def test_the_sdks_extend_by_file_and_by_id_async(server, source, extended):
-    """`client.videos.extend` as the pinned SDK has it: `video` as a file, and by id. The SDK
-    (3.63.0) refuses `video={"id": ...}` itself, before sending, as it takes `video` for a file
-    path; `video=openai.omit` with the id in `extra_body` sends the same `video[id]` form field
-    a working SDK would. The by-id one is answered at once (`Prefer: respond-async`) and polled.
+def test_the_sdks_extend_by_id_answered_at_once_then_polled(server, source, extended):
+    """The pinned SDK (3.63.0) refuses `video={"id": ...}` itself, before sending, as it takes
+    `video` for a file; `video=openai.omit` with the id in `extra_body` sends the `video[id]`
+    form field a working SDK would. `Prefer: respond-async`: queued at once, then polled.
     checked with: the `video[id]` form field not folded back into {"id"}
     (wanserve/api/sdk_forms.py; 400 `video` required)."""
-    job, mp4, _ = source
+    job, _, _ = source
     _, expected = extended
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    extra = {"num_inference_steps": NEW["num_inference_steps"], "seed": NEW["seed"]}
-    upload = client.videos.extend(prompt=NEW["prompt"], seconds="1", extra_body=extra,
-                                  video=("clip.mp4", mp4, "video/mp4"))
-    assert upload.status == "completed" and upload.seconds == "2.125"
+    client = sdk(server)
     with pytest.raises(RuntimeError, match="Expected entry at `video`"):
         client.videos.extend(prompt=NEW["prompt"], seconds="1", video={"id": job["id"]})
     queued = client.videos.extend(prompt=NEW["prompt"], seconds="1", video=openai.omit,
-                                  extra_body={**extra, "video": {"id": job["id"]}},
+                                  extra_body={**SDK_EXTRA, "video": {"id": job["id"]}},
                                   extra_headers={"Prefer": "respond-async"})
     assert queued.status in ("queued", "in_progress") and queued.seconds == "2.125"
     done = client.videos.poll(queued.id, poll_interval_ms=100)
-    assert done.status == "completed"
+    assert (done.status, done.extended_from) == ("completed", job["id"])
     assert np.array_equal(decode_frames(client.videos.download_content(done.id).content),
                           expected)
+
+
+def test_an_extension_cut_off_by_a_stop_runs_again_after_the_restart(tmp_path, extended):
+    """An extension running when the server stops goes back to the queue with its inputs (the
+    source MP4 among them) and after the restart completes with the frames of an
+    uninterrupted one. checked with: "source_frames" left out of the job store's columns
+    (wanserve/api/jobs.py): the re-run came back without the source's frames."""
+    data_dir = tmp_path / "data"
+    # paced: the extension is still running when the stop comes
+    first = start_server(tmp_path, data_dir=data_dir, env={"WANSERVE_TEST_STEP_DELAY": "0.5"})
+    try:
+        source = requests.post(first.url + "/v1/videos", data=SOURCE, timeout=300, files={
+            "input_reference": ("r.png", png_bytes(64, 48), "image/png")}).json()
+        queued = requests.post(first.url + EXTENSIONS, headers={"Prefer": "respond-async"},
+                               json={**NEW, "video": source["id"], "num_frames": 9},
+                               timeout=60).json()
+        wait_first_step(first, queued["id"])
+    finally:
+        assert first.stop() == 0
+    again = start_server(tmp_path, data_dir=data_dir)
+    try:
+        job = wait_status(again, queued["id"], ("completed", "failed"), timeout=180)
+        assert (job["status"], job["attempts"], job["extended_from"]) == (
+            "completed", 2, source["id"]), job
+        assert np.array_equal(decode_frames(mp4_of(again, job["id"])), extended[1])
+    finally:
+        assert again.stop() == 0
 
 
 def _extend(server, fields: dict | None = None, video: bytes | None = None) -> tuple[int, dict]:
@@ -127,7 +163,7 @@ def _extend(server, fields: dict | None = None, video: bytes | None = None) -> t
 def test_refusals_name_their_field(server, source):
     """Unknown and unfinished sources, an upload that is no video, a size the model cannot
     make, a total over `limits`, and fields that follow the source. checked with: the total
-    check removed from VideoService.create_job (the 201-frame extension was queued)."""
+    check removed from VideoService.create_job (the 201-frame extension was made: 200)."""
     job, _, _ = source
     assert _extend(server, {"video": "video_" + "0" * 32})[0] == 404
     assert _extend(server, {"video": "nonsense"})[1]["param"] == "video"
@@ -146,7 +182,7 @@ def test_refusals_name_their_field(server, source):
         status, error = _extend(server, {"video": job["id"], field: value})
         assert (status, error["param"]) == (400, field), error
     running = requests.post(server.url + "/v1/videos", headers={"Prefer": "respond-async"},
-                            data={**SOURCE, "size": "256x256", "num_inference_steps": "50"},
+                            data={**SOURCE, "num_inference_steps": "50"},
                             files={"input_reference": ("r.png", png_bytes(), "image/png")},
                             timeout=60).json()
     try:
@@ -154,3 +190,13 @@ def test_refusals_name_their_field(server, source):
         assert (status, error["param"], error["code"]) == (409, "video", "video_not_ready")
     finally:
         requests.delete(f"{server.url}/v1/videos/{running['id']}", timeout=30)
+
+
+def test_the_openapi_document_describes_the_route(server):
+    """checked with: the "/v1/videos/extensions" entry renamed in `openapi_spec` (KeyError)."""
+    spec = requests.get(server.url + "/openapi.json", timeout=5).json()
+    content = spec["paths"]["/v1/videos/extensions"]["post"]["requestBody"]["content"]
+    for kind in ("application/json", "multipart/form-data"):
+        schema = content[kind]["schema"]
+        assert schema["required"] == ["prompt", "video"], kind
+        assert not {"input_reference", "size", "fps"} & set(schema["properties"]), kind

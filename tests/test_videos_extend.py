@@ -14,9 +14,8 @@ import PIL.Image
 import pytest
 import requests
 
-from conftest import assert_client_error, png_bytes, start_server
+from conftest import assert_client_error, png_bytes
 from test_http_e2e import decode_frames
-from test_jobs_lifecycle import wait_first_step, wait_status
 from test_videos_sdk import assert_sdk_video
 from wanserve.api.video import encode_mp4
 
@@ -124,33 +123,6 @@ def test_the_sdks_extend_by_id_answered_at_once_then_polled(server, source, exte
     assert (done.status, done.extended_from) == ("completed", job["id"])
     assert np.array_equal(decode_frames(client.videos.download_content(done.id).content),
                           expected)
-
-
-def test_an_extension_cut_off_by_a_stop_runs_again_after_the_restart(tmp_path, extended):
-    """An extension running when the server stops goes back to the queue with its inputs (the
-    source MP4 among them) and after the restart completes with the frames of an
-    uninterrupted one. checked with: "source_frames" left out of the job store's columns
-    (wanserve/api/jobs.py): the re-run came back without the source's frames."""
-    data_dir = tmp_path / "data"
-    # paced: the extension is still running when the stop comes
-    first = start_server(tmp_path, data_dir=data_dir, env={"WANSERVE_TEST_STEP_DELAY": "0.5"})
-    try:
-        source = requests.post(first.url + "/v1/videos", data=SOURCE, timeout=300, files={
-            "input_reference": ("r.png", png_bytes(64, 48), "image/png")}).json()
-        queued = requests.post(first.url + EXTENSIONS, headers={"Prefer": "respond-async"},
-                               json={**NEW, "video": source["id"], "num_frames": 9},
-                               timeout=60).json()
-        wait_first_step(first, queued["id"])
-    finally:
-        assert first.stop() == 0
-    again = start_server(tmp_path, data_dir=data_dir)
-    try:
-        job = wait_status(again, queued["id"], ("completed", "failed"), timeout=180)
-        assert (job["status"], job["attempts"], job["extended_from"]) == (
-            "completed", 2, source["id"]), job
-        assert np.array_equal(decode_frames(mp4_of(again, job["id"])), extended[1])
-    finally:
-        assert again.stop() == 0
 
 
 def _extend(server, fields: dict | None = None, video: bytes | None = None) -> tuple[int, dict]:

@@ -9,6 +9,9 @@ one), and in a form a `cache` object as its JSON text. Every other value stays a
 across the whole range the spec gives. Each positive create's status (and a refusal's body) is appended to $FUZZ_CREATES, one line each,
 for the test to count.
 
+A positive extension (POST /v1/videos/extensions) is made consistent the same way, with
+$FUZZ_SOURCE, the id of a finished video on the server, as its `video`.
+
 $FUZZ_LIMITS is the server's limits as JSON (min_side, max_side, max_frames, fps).
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ import PIL.Image
 import schemathesis
 from schemathesis.generation.meta import CoverageScenario
 
-CREATES = ("/v1/videos", "/v1/videos/sync")
+EXTENSIONS = "/v1/videos/extensions"
+CREATES = ("/v1/videos", "/v1/videos/sync", EXTENSIONS)
 
 
 def _png() -> bytes:
@@ -79,8 +83,8 @@ def consistent(body: dict, multipart: bool, lim: dict) -> dict:
 @schemathesis.hook
 def filter_case(ctx, case):
     """Each generated video costs seconds, so two kinds of schema-valid coverage cases are
-    left out: those of /v1/videos/sync (the same bodies as /v1/videos: the same videos again;
-    its fuzzing-phase ones still run), and the combinations of optional fields at their
+    left out: those of /v1/videos/sync and /v1/videos/extensions (the same fields as
+    /v1/videos: the same videos again; their fuzzing-phase ones still run), and the combinations of optional fields at their
     template values (OBJECT_REQUIRED_AND_OPTIONAL, ~35 per media type: the same values the
     kept cases send, and the fuzzing phase combines fields at random). Kept: each field at its
     minimum, maximum, near-boundary and enum values, for multipart and for JSON."""
@@ -96,6 +100,9 @@ def map_case(ctx, case):
         lim = json.loads(os.environ["FUZZ_LIMITS"])
         multipart = case.media_type == "multipart/form-data"
         case.body = consistent(case.body, multipart, lim)
+        if case.path == EXTENSIONS:  # the video $FUZZ_SOURCE names, not a first frame
+            del case.body["input_reference"]
+            case.body["video"] = os.environ["FUZZ_SOURCE"]
         if multipart and hasattr(case, "_record_starting_state"):
             # schemathesis cannot validate bytes and would relabel the case negative (4.32:
             # `contains_binary` in Case._validate_component): take the edit as generated; the

@@ -11,6 +11,9 @@ Each test was seen to fail with the behaviour broken by one line, then restored:
   for `sys.exit(...)`; curl_async.sh: the same, which then polls with no id until the
   subprocess timeout; openai_sdk_client.py: `return 0` for `return 1` after an HTTP error);
   and curl_sync.sh printing a fixed message instead of the server's.
+- test_extend_clients_continue_an_uploaded_mp4_then_a_video_by_id: extend_curl.sh sending a
+  file as an id (`if [ -f "$VIDEO" ]` → `if false`: HTTP 404), and extend_sdk.py without
+  "num_frames" in extra_body (17 frames, not 13).
 - the module's server fixture (every test errors): run_server.sh resolving the repository
   as `../..` from its folder instead of `../../..`; its teardown assertion: run_server.sh
   running launch.sh as a child without `exec` (SIGTERM stops the script, not the ranks).
@@ -23,9 +26,11 @@ import subprocess
 import sys
 
 import av
+import numpy as np
 import pytest
 
 from conftest import REPO, Server, free_port, wait_ready
+from wanserve.api.video import encode_mp4
 
 EXAMPLES = REPO / "examples" / "online_serving" / "image_to_video"
 SIZE, NUM_FRAMES = (96, 64), 5
@@ -53,7 +58,8 @@ def server(tmp_path_factory):
 
 def run_client(command: list, server: Server, cwd, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("IMAGE", "PROMPT", "SEED", "SIZE", "NUM_FRAMES", "STEPS", "OUT")}
+               if k not in ("IMAGE", "PROMPT", "SEED", "SIZE", "NUM_FRAMES", "STEPS", "OUT",
+                            "VIDEO")}
     environ.update({"SERVER": server.url, "SIZE": f"{SIZE[0]}x{SIZE[1]}",
                     "NUM_FRAMES": str(NUM_FRAMES), "STEPS": "2", "SEED": "3", **env})
     return subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True,
@@ -99,3 +105,32 @@ def test_bad_request_exits_with_the_servers_message(server, tmp_path, client):
     assert done.returncode != 0
     assert "HTTP 400: `width` has to be a multiple of 16, got 7" in done.stderr, done.stderr
     assert not out.exists()
+
+
+def frame_count(path) -> tuple[int, int, int]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for _ in container.decode(video=0)), stream.width, stream.height
+
+
+def test_extend_clients_continue_an_uploaded_mp4_then_a_video_by_id(server, tmp_path):
+    """extend_curl.sh uploads a 5-frame MP4 (5 + 5 - 1 frames); extend_sdk.py extends the
+    result by its id (9 + 5 - 1); an unknown id exits non-zero with the server's message.
+    checked with: extend_curl.sh sending a file as an id (`if false`, 404), and extend_sdk.py
+    without "num_frames" in extra_body (17 frames, not 13)."""
+    first, extended, again = (tmp_path / f"{name}.mp4" for name in ("first", "ext", "again"))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, SIZE[1], SIZE[0], 3), np.uint8)
+    first.write_bytes(encode_mp4(pixels, 8))
+    done = run_client([EXAMPLES / "extend_curl.sh"], server, tmp_path, VIDEO=str(first),
+                      OUT=str(extended))
+    assert done.returncode == 0, done.stderr
+    assert frame_count(extended) == (9, *SIZE)
+    assert "(5 from the upload)" in done.stdout, done.stdout
+    video_id = done.stdout.split(": ", 1)[1].split()[0]
+    done = run_client([sys.executable, EXAMPLES / "extend_sdk.py"], server, tmp_path,
+                      VIDEO=video_id, OUT=str(again))
+    assert done.returncode == 0, done.stderr
+    assert frame_count(again) == (13, *SIZE)
+    done = run_client([EXAMPLES / "extend_curl.sh"], server, tmp_path, VIDEO="video_" + "0" * 32,
+                      OUT=str(tmp_path / "never.mp4"))
+    assert done.returncode != 0 and "HTTP 404: no video with id" in done.stderr, done.stderr

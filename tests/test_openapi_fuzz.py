@@ -21,7 +21,7 @@ import time
 
 import requests
 
-from conftest import REPO, metric, start_server
+from conftest import REPO, metric, png_bytes, start_server
 
 LIMITS = {"min_side": 32, "max_side": 48, "max_pixels": 48 * 48, "max_frames": 5, "max_steps": 2}
 DEFAULTS = {"num_frames": 5, "num_inference_steps": 2}  # tiny.yaml's are above those limits
@@ -44,9 +44,13 @@ def test_schemathesis_finds_nothing_and_valid_creates_reach_generation(tmp_path)
     server = start_server(tmp_path, *flags)
     try:
         creates = tmp_path / "creates.txt"
+        source = requests.post(server.url + "/v1/videos", timeout=300, data={
+            "prompt": "p", "size": "48x48", "num_frames": "5", "num_inference_steps": "2"},
+            files={"input_reference": ("r.png", png_bytes(), "image/png")}).json()
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
                "PYTHONPATH": str(REPO / "tests"), "FUZZ_CREATES": str(creates),
-               "FUZZ_LIMITS": json.dumps({**LIMITS, "fps": 8})}  # tiny.yaml's default fps
+               "FUZZ_LIMITS": json.dumps({**LIMITS, "fps": 8}),  # tiny.yaml's default fps
+               "FUZZ_SOURCE": source["id"]}  # the video that extensions continue
         cmd = [str(REPO / ".venv/bin/schemathesis"), "run", server.url + "/openapi.json",
                "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--seed", "1",
                "--generation-database", "none", "--request-timeout", "120"]

@@ -3,11 +3,12 @@ after the restart, with the same video as a run that was never interrupted.
 
 - the job store keeps each live job's inputs and gives back, after a restart, the jobs that were
   queued or running, in creation order (in-process, no server);
-- SIGTERM with one job running, a synchronous caller's job queued and one more queued: the stop
-  is prompt, the caller gets 503 `server_restarting` naming its job, the store holds all three
+- SIGTERM with one job running, a synchronous caller's job queued and one more queued, and an
+  extension of a finished video queued: the stop
+  is prompt, the caller gets 503 `server_restarting` naming its job, the store holds all four
   as queued; after a restart on the same data dir the first runs again, and SIGKILL of the whole
-  job (launcher and ranks) interrupts it with the other two queued; after one more restart all
-  three complete, equal to uninterrupted runs (lossless MP4s, decoded frames compared exactly),
+  job (launcher and ranks) interrupts it with the others queued; after one more restart all
+  four complete, equal to uninterrupted runs (lossless MP4s, decoded frames compared exactly),
   and a stop under repeated SIGTERMs exits 0;
 - two "nodes" on 127.0.0.1 (two launch.sh, one rank each, c10d rendezvous, Ulysses 2 spanning
   them) with `--max-restarts 1`: the non-serving node's rank is SIGKILLed mid-job, torchrun
@@ -54,6 +55,13 @@ def content(srv, job_id) -> bytes:
     resp = requests.get(f"{srv.url}/v1/videos/{job_id}/content", timeout=30)
     assert resp.status_code == 200, resp.text
     return resp.content
+
+
+def extend(srv, source_id: str) -> dict:
+    """An extension of `source_id` by QUEUED's new part, answered at once."""
+    return requests.post(srv.url + "/v1/videos/extensions", headers={"Prefer": "respond-async"},
+                         json={"prompt": "p", "video": {"id": source_id}, "num_frames": 5,
+                               "num_inference_steps": 3, "seed": 11}, timeout=60).json()
 
 
 def stored_statuses(data_dir) -> dict[str, str]:
@@ -105,7 +113,9 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     in the stored inputs (wanserve/api/serving.py create_job storing `fields` as sent): the job sent
     without a seed came back with another video; and (the last stop, SIGTERM every 2 ms)
     launch.sh taking the status of a `wait` a signal cut short, and running its trap again
-    for each signal: exit 143, or 2 from bash itself, in most stops."""
+    for each signal: exit 143, or 2 from bash itself, in most stops; and (the queued extension)
+    "source_frames" left out of the job store's columns (wanserve/api/jobs.py): a finished
+    extension read back from the store had lost it (None, not 5)."""
     data_dir = tmp_path / "data"
     first = start_server(tmp_path, data_dir=data_dir, env=PACED)
     answer = {}
@@ -122,6 +132,7 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
             assert time.monotonic() < deadline, "the synchronous job was never created"
             time.sleep(0.05)
         queued = as_json(first, QUEUED).json()  # its inputs: fields alone, the image in them
+        extension = extend(first, reference["id"])  # its inputs hold the source MP4
     except BaseException:
         first.stop()
         raise
@@ -135,8 +146,9 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     assert error["code"] == "server_restarting" and error["type"] == "server_error"
     statuses = stored_statuses(data_dir)
     del statuses[reference["id"]]
-    assert len(statuses) == 3 and set(statuses.values()) == {"queued"}, statuses
-    sync_id = next(job_id for job_id in statuses if job_id not in (running["id"], queued["id"]))
+    assert len(statuses) == 4 and set(statuses.values()) == {"queued"}, statuses
+    sync_id = next(job_id for job_id in statuses
+                   if job_id not in (running["id"], queued["id"], extension["id"]))
     assert sync_id in error["message"]
 
     second = start_server(tmp_path, data_dir=data_dir, env=PACED)
@@ -157,7 +169,8 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
     third = start_server(tmp_path, data_dir=data_dir)
     try:
         assert content(third, reference["id"]) == reference_video  # kept byte for byte
-        for job_id, attempts in ((running["id"], 3), (sync_id, 1), (queued["id"], 1)):
+        for job_id, attempts in ((running["id"], 3), (sync_id, 1), (queued["id"], 1),
+                                 (extension["id"], 1)):
             job = wait_status(third, job_id, ("completed", "failed"), timeout=180)
             assert job["status"] == "completed" and job["attempts"] == attempts, job
         for job_id in (sync_id, queued["id"]):
@@ -167,6 +180,10 @@ def test_sigterm_then_sigkill_lose_no_job_and_change_no_video(tmp_path):
                                   prefer_async=False).json()
         assert uninterrupted["status"] == "completed"
         assert (decode_frames(content(third, running["id"]))
+                == decode_frames(content(third, uninterrupted["id"]))).all()
+        uninterrupted = extend(third, reference["id"])
+        assert wait_status(third, uninterrupted["id"], ("completed",))["source_frames"] == 5
+        assert (decode_frames(content(third, extension["id"]))
                 == decode_frames(content(third, uninterrupted["id"]))).all()
         assert not list((data_dir / "inputs").iterdir())  # gone with the jobs
     finally:

@@ -145,10 +145,17 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
+        return await answer_new_job(request, service.create_job)
+
+    @app.post("/v1/videos/extensions")
+    async def extend_video(request: Request):
+        return await answer_new_job(request, service.create_extension)
+
+    async def answer_new_job(request: Request, create):
         fields, files = _fields_and_files(request)
         loop = asyncio.get_running_loop()
-        # image decoding and fitting take milliseconds to seconds: keep them off the loop
-        job = await loop.run_in_executor(None, service.create_job, fields, files)
+        # image (and video) decoding and fitting take milliseconds to seconds: off the loop
+        job = await loop.run_in_executor(None, create, fields, files)
         if "respond-async" in request.headers.get("prefer", "").lower():
             return json(job.public(), status=202,
                         headers={**service.poll_headers(job), "Preference-Applied": "respond-async"})

@@ -26,7 +26,8 @@ TERMINAL = ("completed", "failed", "cancelled")
 _COLUMNS = ("id", "created_ns", "status", "progress", "created_at", "completed_at", "expires_at", "model",
             "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
             "error_message", "timings", "video_file", "num_inference_steps", "quality",
-            "peak_memory_mb", "peak_memory_kind", "attempts", "last_error", "cache")
+            "peak_memory_mb", "peak_memory_kind", "attempts", "last_error", "cache",
+            "extended_from", "source_frames")
 # timings that are not a stage of their own (a mean, a total)
 _NOT_STAGES = ("step_mean", "generate_total", "mp4_after_decode", "mp4_chunks")  # not own stages
 
@@ -57,6 +58,8 @@ class Job:
     attempts: int = 0  # times the engine started it
     last_error: str | None = None  # why its last attempt ended without an end (not public)
     cache: dict | None = None  # the step cache's report (policy, preset, computed, cached)
+    extended_from: str | None = None  # an extension: the id of the video it continues
+    source_frames: int | None = None  # an extension: the frames taken from its source
     created_ns: int = field(default_factory=time.time_ns)  # total order for listing
 
     def public(self) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -30,7 +31,9 @@ class StreamedMp4:
         self._thread = threading.Thread(target=self._run, name="wanserve-mp4-stream", daemon=True)
         self._thread.start()
 
-    def put(self, frames: np.ndarray) -> None:
+    def put(self, frames: np.ndarray | Callable[[], Iterable[np.ndarray]]) -> None:
+        """Frames, or a callable whose chunks of frames are made on the encoding thread (an
+        extension's source frames, decoded while the new part is generated)."""
         if not self._aborted:
             self._chunks.put(frames)
 
@@ -40,9 +43,10 @@ class StreamedMp4:
                 continue
             start = time.perf_counter()
             try:
-                self._writer.add(chunk)
-                self.frames += len(chunk)
-                self.chunks += 1
+                for frames in chunk() if callable(chunk) else (chunk,):
+                    self._writer.add(frames)
+                    self.frames += len(frames)
+                    self.chunks += 1
             except Exception as exc:  # told by `finish`
                 self._error = exc
             self.encode_s += time.perf_counter() - start

@@ -132,6 +132,37 @@ def _create_schema(cfg: ServerConfig, features: ModelFeatures) -> dict:
     return schema
 
 
+_VIDEO_ID = {"type": "string", "pattern": "^video_[0-9a-f]{32}$"}
+# the fields an extension takes from its source video
+_FROM_SOURCE = ("input_reference", "size", "width", "height", "fps")
+
+
+def _extension_schema(create: dict, cfg: ServerConfig) -> tuple[dict, dict]:
+    """POST /v1/videos/extensions: the create fields less those the source decides, plus
+    `video`. (JSON, multipart) schemas."""
+    props = {k: v for k, v in create["properties"].items() if k not in _FROM_SOURCE}
+    props["num_frames"] = {**props["num_frames"], "description": "the new part's; 4k+1, "
+                           "instead of `seconds`"}
+    props["seconds"] = {**props["seconds"], "description": "the new part's: seconds x the "
+                        "source's fps, to the nearest 4k+1 frames"}
+    about = (f"the video to continue from its last frame: a completed video's id, or an MP4. "
+             f"Its size and fps are the new part's; the whole video (its frames, then the new "
+             f"part's after the joint frame) has at most {cfg.limits.total_frames} frames")
+    json_video = {"anyOf": [{"type": "object", "required": ["id"], "properties": {
+        "id": _VIDEO_ID}}, _VIDEO_ID], "description": about + " (in JSON: {\"id\"}, the id, "
+        "or the MP4 as a data: URL)"}
+    form_video = {**_VIDEO_ID, "description": about + " (a form: the id, `video[id]`, or the "
+                  "MP4 as a file part)"}
+    as_json = {"type": "object", "required": ["prompt", "video"],
+               "properties": {**props, "video": json_video}}
+    as_form = {"type": "object", "required": ["prompt", "video"], "properties": {
+        **{name: _not_null(prop) for name, prop in props.items()}, "video": form_video,
+        "extra_params": {"type": "string", "description": "a JSON object of more fields"},
+        **({"last_frame": {"type": "string", "format": "binary"}} if "last_frame" in props
+           else {})}}
+    return as_json, as_form
+
+
 def _not_null(schema: dict) -> dict:
     """A form field is text or absent, never null: `anyOf [X, null]` → X."""
     options = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
@@ -151,6 +182,14 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
         "extra_params": {"type": "string", "description": "a JSON object of more fields"}}}
     body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": create}}}
+    extension_json, extension_form = _extension_schema(create, cfg)
+    prefer = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"}}
+    created = {"200": (_json("Video", "queued") if cfg.create_response == "async"
+                       else _json("VideoSync")),
+               "202": _json("Video", "queued"),
+               **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503, 507)}
+    extension = {"required": True, "content": {"multipart/form-data": {"schema": extension_form},
+                                               "application/json": {"schema": extension_json}}}
     job = VideoJob.model_json_schema(ref_template=REF)
     event = VideoEvent.model_json_schema(ref_template=REF)
     capabilities = ModelCapabilities.model_json_schema(ref_template=REF)
@@ -174,13 +213,9 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                     "summary": ("Create a video; answers the queued job at once"
                                 if cfg.create_response == "async" else
                                 "Create a video; waits unless `Prefer: respond-async`"),
-                    "parameters": [{"name": "Prefer", "in": "header", "required": False,
-                                    "schema": {"type": "string"}}],
+                    "parameters": [prefer],
                     "requestBody": body,
-                    "responses": {"200": (_json("Video", "queued") if cfg.create_response == "async"
-                                          else _json("VideoSync")),
-                                  "202": _json("Video", "queued"),
-                                  **_errors(400, 401, 404, 409, 413, 415, 429, 500, 503, 507)},
+                    "responses": created,
                 },
                 "get": {
                     "summary": "List videos",
@@ -191,6 +226,15 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                         {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}}],
                     "responses": {"200": {"description": "a page of videos", "content": {
                         "application/json": {"schema": _LIST}}}, **_errors(400, 401)},
+                },
+            },
+            "/v1/videos/extensions": {
+                "post": {
+                    "summary": "Continue a video from its last frame: one video, the source's "
+                               "frames then the new part's; answered as a create is",
+                    "parameters": [prefer],
+                    "requestBody": extension,
+                    "responses": created,
                 },
             },
             "/v1/videos/{video_id}": {

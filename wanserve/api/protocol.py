@@ -111,6 +111,11 @@ class VideoJob(BaseModel):
     cache: Optional[dict[str, Any]] = Field(
         default=None, description="the step cache: {policy, preset, computed: {high, low}, "
         "cached: {high, low}} (steps per expert; one-expert models: high only)")
+    extended_from: Optional[str] = Field(
+        default=None, description="an extension of a stored video: that video's id")
+    source_frames: Optional[int] = Field(
+        default=None, description="an extension: the frames that come from the source video "
+        "(the new part starts after them; `num_frames` and `seconds` are the whole video's)")
 
 
 class VideoEvent(BaseModel):

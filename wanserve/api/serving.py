@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from wanserve.api.events import EventHub
+from wanserve.api.extensions import (SOURCE_PART, ExtensionStream, SourceVideo, plain_create,
+                                     source_of)
 from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed,
                                  InsufficientStorage, InvalidRequest, NotFound, RateLimited)
 from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
@@ -82,19 +84,46 @@ class VideoService:
         return params, resolve_request(job_id, params, files.get("input_reference"), self.cfg,
                                        self.engine.features, files.get("last_frame"))
 
-    def create_job(self, fields: dict, files: dict[str, bytes]) -> Job:
+    def create_extension(self, fields: dict, files: dict[str, bytes]) -> Job:
+        """A job that continues `video` from its last frame (wanserve/api/extensions.py)."""
+        self._require_engine()
+        source = source_of(fields, files, self.store, self.cfg.limits)
+        fields, files = plain_create(fields, files, source)
+        try:
+            return self.create_job(fields, files, source)
+        except InvalidRequest as exc:
+            if exc.param not in ("size", "width", "height", "fps"):
+                raise
+            raise InvalidRequest(f"the source video ({source.width}x{source.height} at "
+                                 f"{source.fps} fps) cannot be extended by this model: "
+                                 f"{exc.message}", param="video", code=exc.code) from None
+
+    def create_job(self, fields: dict, files: dict[str, bytes],
+                   source: SourceVideo | None = None) -> Job:
+        """`source`: an extension's (its frames come first; `files` holds its MP4)."""
         engine = self._require_engine()
         self._require_room()
         job_id = new_job_id()
         params, request = self.request_for(job_id, fields, files)
         check_budget(request, engine.memory_plan, self.cfg)
+        num_frames = request.num_frames
+        if source is not None:  # the joint frame once
+            num_frames += source.frames - 1
+            if num_frames > self.cfg.limits.total_frames:
+                param = "num_frames" if params.num_frames is not None else "seconds"
+                raise InvalidRequest(
+                    f"the extended video would have {num_frames} frames ({source.frames} of the "
+                    f"source, {request.num_frames - 1} new); limits.max_total_frames is "
+                    f"{self.cfg.limits.total_frames}", param=param, code="invalid_value")
         job = Job(id=job_id, status="queued", created_at=int(time.time()),
                   model=self.cfg.served_model_name, prompt=request.prompt,
-                  seconds=f"{request.num_frames / request.fps:g}",
+                  seconds=f"{num_frames / request.fps:g}",
                   size=f"{request.width}x{request.height}", seed=request.seed,
-                  num_frames=request.num_frames, fps=request.fps,
+                  num_frames=num_frames, fps=request.fps,
                   num_inference_steps=request.num_inference_steps,
-                  quality=params.quality or "high")
+                  quality=params.quality or "high",
+                  extended_from=source and source.job_id,
+                  source_frames=source and source.frames)
         try:  # the seed pinned: a re-run after a restart makes the same video
             self.store.add(job, {**fields, "seed": request.seed}, files)
         except (OSError, sqlite3.Error) as exc:
@@ -238,9 +267,21 @@ class VideoService:
         job = self.store.get(job_id)
         if job is None or job.status in TERMINAL:
             return None
-        self._streams[job_id] = stream = StreamedMp4(job.fps, quality=job.quality,
-                                                     preset=self.cfg.mp4_preset)
+        try:
+            self._streams[job_id] = stream = self._new_stream(job)
+        except GenerationFailed:
+            return None  # the encode after the generation fails the job, saying why
         return stream
+
+    def _new_stream(self, job: Job) -> StreamedMp4:
+        options = {"quality": job.quality, "preset": self.cfg.mp4_preset}
+        if not job.source_frames:
+            return StreamedMp4(job.fps, **options)
+        inputs = self.store.inputs.load(job.id)
+        if inputs is None or SOURCE_PART not in inputs[1]:
+            raise GenerationFailed("the extension's source video is missing from its inputs",
+                                   code="inputs_lost")
+        return ExtensionStream(job.fps, inputs[1][SOURCE_PART], **options)
 
     def on_finished(self, job_id: str, result: GenerationResult) -> None:
         self._encoding.add(job_id)
@@ -253,6 +294,9 @@ class VideoService:
         try:
             start = time.perf_counter()
             stream = self._streams.pop(job_id, None)
+            if stream is None and job.source_frames:  # stitched here, all at once
+                stream = self._new_stream(job)
+                stream.put(result.frames)
             if stream is not None:  # every frame was put as it was decoded
                 data, encode_s = stream.finish(), stream.encode_s
             else:

@@ -58,6 +58,12 @@ class Limits:
     max_image_pixels: int
     require_image: bool = True  # false: without `input_reference`, text-to-video (TI2V only)
     size_multiple: int = 16  # widths and heights: the VAE's spatial factor x the patch
+    # an extension's whole video, the source's frames and the new part's; 0: 4 x max_frames
+    max_total_frames: int = 0
+
+    @property
+    def total_frames(self) -> int:
+        return self.max_total_frames or 4 * self.max_frames
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,12 @@ lock:
 	$(PYTHON) tools/lock.py strip $(LOCK)
 	$(LOCK_VENV)/bin/python tools/lock.py check $(LOCK)
 
+# Two pytest workers, a test file each at a time (module fixtures stay in one worker): most of
+# the suite waits on servers, restarts and timeouts, so two files at once fill the two cores.
+TEST_WORKERS ?= 2
 test: install
 	$(VPY) -m pip check
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 serve: install
 	./launch.sh

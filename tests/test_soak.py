@@ -11,12 +11,16 @@ from conftest import REPO
 
 
 def test_a_short_soak_grows_nothing_loses_nothing_and_stays_under_its_caps(tmp_path):
-    """A byte cap of 256 KiB, which the run's MP4s outgrow several times over.
+    """A byte cap of 256 KiB, which the run's MP4s outgrow several times over. The memory
+    trend is taken over the last 40 % of the run: in runs this short rank 0 steps up once by
+    40-70 MiB somewhere in its first ~25 s, then stays flat (RELIABILITY.md, "Soak"); the full
+    run's warm-up is 15 % of 20 minutes.
     checked with: `enforce_caps` returning 0 before evicting anything
     (wanserve/api/retention.py): disk_under_cap failed."""
     out, plot = tmp_path / "soak.json", tmp_path / "soak.png"
     proc = subprocess.run([str(REPO / ".venv/bin/python"), "benchmarks/soak.py", "--minutes",
-                           "0.75", "--sample-every", "1", "--max-stored-bytes", str(256 << 10), "--out", str(out), "--plot", str(plot)],
+                           "0.75", "--sample-every", "1", "--warmup-fraction", "0.6",
+                           "--max-stored-bytes", str(256 << 10), "--out", str(out), "--plot", str(plot)],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -108,9 +108,11 @@ def test_a_disconnected_synchronous_caller_cancels_its_job(server):
 
 
 def test_a_job_over_the_time_limit_fails_and_frees_the_engine(tmp_path):
-    # 0.1 s a step: the 50-step job surely outlives the limit, QUICK's 2 steps fit well inside
-    srv = start_server(tmp_path, "--job-timeout", "3",
-                       env={"WANSERVE_TEST_STEP_DELAY": "0.1"})
+    # 0.2 s a step: the 50-step job surely outlives the limit, and QUICK's 2 steps fit inside
+    # it with room for a machine several times slower than usual (at 3 s, a run sharing the
+    # two cores with other workloads saw QUICK itself time out)
+    srv = start_server(tmp_path, "--job-timeout", "8",
+                       env={"WANSERVE_TEST_STEP_DELAY": "0.2"})
     try:
         job = submit(srv, {**QUICK, "num_inference_steps": "50"}).json()
         failed = wait_status(srv, job["id"], ("failed",), timeout=30)

@@ -138,6 +138,6 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
                         features_of(pipe), step_cache, compiled, memory_plan)
     if compiled is not None:  # the graphs built before the ready barrier, not by a client
         start = time.perf_counter()
-        warm_up(model, cfg)
-        compiled.warmed_up(time.perf_counter() - start)
+        ran = warm_up(model, cfg, cfg.layout.sp)
+        compiled.warmed_up(time.perf_counter() - start, ran)
     return model

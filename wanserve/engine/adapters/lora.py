@@ -304,6 +304,9 @@ class Adapters:
             if chosen:
                 set_weights_and_activate_adapters(expert, [n for n, _ in chosen],
                                                   [s for _, s in chosen])
+                # peft's set_adapter makes the active adapter trainable; nothing here trains,
+                # and compiled blocks guard on requires_grad (a switch would recompile)
+                expert.requires_grad_(False)
                 expert.enable_lora()
             else:
                 expert.disable_lora()

@@ -7,11 +7,14 @@ parameters as inputs), so the compile is paid once for every block of both exper
 whatever runs the blocks (xfuser's sequence-parallel wrapper, cache-dit's cached blocks) runs
 the compiled ones. Measured on the tiny model: two graphs, one for the first block (its input
 is a view of the patch embedding) and one for the rest; under sequence parallelism a size
-whose tokens xfuser pads (not a multiple of the SP degree) adds its own two, once. With
-`dynamic: true` any other new size reuses them instead of compiling again.
+whose tokens xfuser pads (not a multiple of the SP degree) adds its own graphs, once (under
+ring attention more of them: the masked ring loop is a graph break, and every function on the
+stack above it resumes in a graph of its own). With `dynamic: true` any other new size reuses
+them instead of compiling again.
 
-Compiling happens on the first forward; the engine runs a warm-up request through it before
-the ready barrier, so no client pays for it. Every compile dynamo makes in this process is
+Compiling happens on the first forward; the engine runs warm-up requests through it before
+the ready barrier (wanserve/engine/serving/warmup.py: the default size, and under sequence
+parallelism a padded one), so no client pays for it. Every compile dynamo makes in this process is
 counted (torch._dynamo's compile callbacks), split into those of the warm-up and those after
 it (`recompiles`), and reported in `/health`.
 """
@@ -26,6 +29,7 @@ import torch.fx.experimental._config
 
 TORCH_VERSION = "2.13"
 POLICIES = ("off", "regional")
+RECOMPILE_LIMIT = 64
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -114,17 +118,24 @@ class CompiledBlocks:
         # dynamo's duck sizing makes equal sizes one symbol: a square warm-up would then guard
         # on width == height and recompile at the first other shape
         torch.fx.experimental._config.use_duck_shape = False
+        # every block runs one code object (WanTransformerBlock.forward), so all its graphs
+        # count against one limit: first block and the rest, times each size class (padded or
+        # not) and adapter set. Past the limit dynamo would run the blocks eagerly, unreported.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   RECOMPILE_LIMIT)
         for expert in experts:
             expert.compile_repeated_blocks(**options)
         self.blocks = sum(len(e.blocks) for e in experts)
         self.report = {**settings.describe(), "torch": torch.__version__,
-                       "blocks": self.blocks, "warmup": None, "recompiles": 0}
+                       "blocks": self.blocks, "recompile_limit": RECOMPILE_LIMIT,
+                       "warmup": None, "recompiles": 0}
         self._at_warmup: int | None = None
 
-    def warmed_up(self, seconds: float) -> None:
-        """After the warm-up request: its compiles are the baseline of `recompiles`."""
+    def warmed_up(self, seconds: float, ran: dict) -> None:
+        """After the warm-up requests (`ran`: their sizes and adapter sets): their compiles
+        are the baseline of `recompiles`."""
         self._at_warmup = self.counter.compiles
-        self.report["warmup"] = {"seconds": round(seconds, 2),
+        self.report["warmup"] = {"seconds": round(seconds, 2), **ran,
                                  "compiles": self.counter.compiles,
                                  "compile_seconds": round(self.counter.seconds, 2)}
 

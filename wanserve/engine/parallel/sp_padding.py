@@ -98,6 +98,7 @@ def _merge(out, lse, block_out, block_lse):
     return out, new_lse
 
 
+@torch.compiler.disable
 def _masked_ring_attention(attention_function, query, key, value, valid, group):
     ring = dist.get_world_size(group)
     me = dist.get_rank(group)

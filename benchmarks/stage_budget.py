@@ -41,6 +41,8 @@ from wanserve.engine.model.fake_trace import fake_module  # noqa: E402
 from wanserve.engine.model.model_layouts import WAN22_I2V_A14B  # noqa: E402
 
 WIDTH, HEIGHT, FRAMES = 832, 480, 81
+# steps -> guidance: the 4-step distilled presets run without CFG, the official 40 steps with it
+GUIDANCE = {4: 1.0, 40: 3.5}
 GB = 1e9
 # the CPU kernel F.scaled_dot_product_attention reaches on fake CPU tensors; torch's counter has
 # formulas only for the GPU kernels
@@ -278,7 +280,7 @@ def budget(c: Counts, steps: int, gpus: int, a: GpuAssumptions,
            vae_dtype: str = "float32") -> dict:
     """Seconds per stage of one request (Ulysses over `gpus`, VAE sharded by rows, both experts
     resident), the critical path and the stage that bounds it."""
-    forwards = steps * (1 if steps <= 4 else 2)  # distilled presets run guidance 1
+    forwards = steps * (2 if GUIDANCE[steps] > 1 else 1)  # CFG: a negative branch too
     transformer = (forwards * c.forward_flops / (gpus * a.peak_bf16 * a.utilisation)
                    + ulysses_seconds(c, gpus, forwards, a))
     decode = vae_seconds(c.vae["decode"], gpus, a, vae_dtype)
@@ -309,14 +311,16 @@ def what_the_items_changed(c: Counts, a: GpuAssumptions, gpus: int,
     s, half = four["stages"], bf16["stages"]
     decode = s["VAE decode"]
     uint8_bytes = c.video_bytes_float32 // 4
-    # the first fragment can leave once the encoder has its lookahead: 13 frames are the first
-    # 4 decoder calls (1 + 4 + 4 + 4)
-    first_calls = 4
     latent_frames = (FRAMES - 1) // 4 + 1
-    before_decode = sum(seconds for stage, seconds in s.items()
-                        if stage.startswith(("text", "VAE encode", "transformer")))
+    # the first fragment can leave once the encoder is past its lookahead and B-frames: 13
+    # frames, the first 4 decoder calls (1 + 4 + 4 + 4)
+    first_fragment_frames = 13
+    first_calls = (first_fragment_frames - 1) // 4 + 1
+    before_decode = sum(s[stage] for stage in ("text encode (prompt cache miss)",
+                                               "VAE encode (81-frame condition)",
+                                               "transformer forwards"))
     first_fragment = (before_decode + decode * first_calls / latent_frames
-                      + MP4_VERYFAST_S * 13 / FRAMES)
+                      + MP4_VERYFAST_S * first_fragment_frames / FRAMES)
     items = {
         "1+2 MP4 on the critical path (s)": {
             "before: medium, after the decode": MP4_MEDIUM_S,
@@ -423,7 +427,7 @@ def main() -> int:
                   f"{rate / cpu['matmul_gflop_per_cpu_s']:.2f} of the matmul's) -> full size "
                   f"{row['full_size_cpu_s']:.0f} CPU-s")
 
-    budgets = [budget(c, steps, gpus, a) for steps in (4, 40) for gpus in (1, 8)]
+    budgets = [budget(c, steps, gpus, a) for steps in GUIDANCE for gpus in (1, 8)]
     print(f"\nGPU seconds from FLOPs (not measured): H100 SXM, bf16 peak {a.peak_bf16 / 1e12:.0f}"
           f" TFLOP/s (TF32 {a.peak_tf32 / 1e12:.0f} for the float32 VAE) at utilisation "
           f"{a.utilisation}; Ulysses over the GPUs, VAE sharded by rows")

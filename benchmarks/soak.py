@@ -8,7 +8,8 @@ Starts the tiny server on loopback with store caps, primes it (the largest reque
 of each kind of traffic, a burst of bad requests), takes each rank's idle figures, then runs
 `--clients` workers of mixed traffic for `--minutes`: synchronous and asynchronous creates with
 random valid parameters (sizes, frames, steps, seeds, guidance on and off, last frames, step
-cache presets), cancels, deletes, list pages, `Range` downloads, thumbnails, event streams
+cache presets, per-request adapters: two LoRAs registered, one, a scale, both or none;
+`--no-adapters` leaves them out), cancels, deletes, list pages, `Range` downloads, thumbnails, event streams
 dropped after the first event, and bad requests, some in concurrent bursts. Every
 `--sample-every` seconds it records each rank's resident memory, descriptors, threads, child
 processes and mapped /dev/shm, and the data dir's bytes, the SQLite file's size and rows.
@@ -52,6 +53,7 @@ from soak_traffic import Traffic  # noqa: E402
 RSS_GROWTH_LIMIT = 0.05
 SETTLE_S = 30
 MAX_QUEUE = 8
+ADAPTER_VALUES = ["a", "b:0.5", "a:0.7,b:0.3", "none"]
 
 
 def _size(path: Path) -> int:
@@ -173,12 +175,27 @@ def run(args) -> int:
         flags += ["--ulysses", str(args.ulysses)]
     if args.dp > 1:
         flags += ["--dp", str(args.dp)]
+    if args.adapters:
+        flags += adapter_flags(tmp)
     server = start_server(tmp, *flags, nproc=args.ulysses * args.dp)
     try:
         return soak(args, server, flags)
     finally:
         exit_code = server.stop()
         print(f"server exit code {exit_code}; log {server.log_path}")
+
+
+def adapter_flags(tmp: Path) -> list[str]:
+    """Two LoRAs of the tiny model registered per request (not fused): requests switch among
+    them, a scale and both at once."""
+    from lora_files import make_lora, write_diffusers
+    from wanserve.engine.model.tiny_model import ensure_tiny_model
+
+    flags = []
+    for name, seed in (("a", 1), ("b", 2)):
+        path = write_diffusers(make_lora(ensure_tiny_model(), seed), tmp / f"{name}.safetensors")
+        flags += ["--lora", f"{name}={path}"]
+    return flags
 
 
 def soak(args, server, flags: list[str]) -> int:
@@ -188,7 +205,8 @@ def soak(args, server, flags: list[str]) -> int:
                       png_bytes(96, 64, seed=2), invalid_requests(), raw_request,
                       last_frame=models["capabilities"].get("last_frame", False),
                       presets=list(models.get("step_cache", {}).get("presets", {}))
-                      or ["fast", "balanced"], replicas=args.dp)
+                      or ["fast", "balanced"], replicas=args.dp,
+                      adapters=ADAPTER_VALUES if args.adapters else [])
     sampler = Sampler(ranks, server.data_dir, args.sample_every)
     traffic.prime()
     idle = settled(sampler, sampler.sample(), timeout=5)
@@ -273,6 +291,8 @@ def main() -> int:
     p.add_argument("--max-stored-videos", type=int, default=40)
     p.add_argument("--max-stored-bytes", type=int, default=1 << 20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapters", action=argparse.BooleanOptionalAction, default=True,
+                   help="register two LoRAs and let 30 %% of creates use them")
     p.add_argument("--out", default=str(REPO / "bench-out" / "soak.json"))
     p.add_argument("--plot", default=str(REPO / "bench-out" / "soak.png"))
     return run(p.parse_args())

@@ -20,8 +20,10 @@ BURST = 8
 
 class Traffic:
     def __init__(self, server, rng: random.Random, image: bytes, last_image: bytes,
-                 bad: list, send_raw, last_frame: bool, presets: list[str], replicas: int):
+                 bad: list, send_raw, last_frame: bool, presets: list[str], replicas: int,
+                 adapters: list[str] = ()):
         self.server, self.rng, self.image, self.last_image = server, rng, image, last_image
+        self.adapters = list(adapters)  # `lora` values: one adapter, a scale, several
         self.bad, self.send_raw = bad, send_raw
         self.last_frame, self.presets, self.replicas = last_frame, presets, replicas
         self.port = urlsplit(server.url).port
@@ -70,6 +72,8 @@ class Traffic:
             fields.update(guidance_scale="1.0", guidance_scale_2="1.0")
         if rng.random() < 0.3:
             fields["cache"] = rng.choice(self.presets)
+        if self.adapters and rng.random() < 0.3:
+            fields["lora"] = rng.choice(self.adapters)
         return fields
 
     def files(self, with_last: bool) -> dict:
@@ -167,11 +171,13 @@ class Traffic:
     def prime(self) -> None:
         """Before the idle figures are taken (not counted): the largest request, with a last
         frame, in each of its variants at once (guidance on and off, the step cache on and
-        off), so that memory reaches the high-water mark traffic will; one of each action; a
-        burst of concurrent creates, so that every pool has grown to its size."""
+        off, each adapter value), so that memory reaches the high-water mark traffic will; one
+        of each action; a burst of concurrent creates, so that every pool has grown to its
+        size."""
         variants = [{**LARGEST, "prompt": "prime", **guidance, **cache}
                     for guidance in ({}, {"guidance_scale": "1.0", "guidance_scale_2": "1.0"})
                     for cache in ({}, {"cache": self.presets[0]})]
+        variants += [{**LARGEST, "prompt": "prime", "lora": lora} for lora in self.adapters]
         with ThreadPoolExecutor(BURST) as pool:
             list(pool.map(lambda fields: self._create("prime", fields, True, True), variants))
             self.drain(timeout=600)

@@ -85,7 +85,10 @@ def check_two_jobs_at_once(srv, reference: np.ndarray, exact: bool) -> None:
 
 
 def test_dp2_two_jobs_at_once_each_the_one_rank_video_cancel_and_stop(tmp_path, one_rank_video):
-    srv = start_server(tmp_path, "--dp", "2", nproc=2)
+    """Replica 1's leader sends its frames in chunks of 5000 bytes (42 for 17 frames of 12288
+    bytes, ending inside frames): its lossless video is still the one-rank video."""
+    srv = start_server(tmp_path, "--dp", "2", nproc=2,
+                       env={"WANSERVE_TEST_FRAME_CHUNK_BYTES": "5000"})
     try:
         health = requests.get(srv.url + "/health", timeout=10).json()
         assert health["parallel"]["layout"] == "2xU1R1C1"

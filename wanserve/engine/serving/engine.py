@@ -203,14 +203,12 @@ class Engine:
 
     def _execute(self, replica: Replica, model: ServedModel, request: GenerationRequest,
                  progress, cancelled, sink: FrameSink | None) -> GenerationResult:
+        """The job's frames come back as uint8, the MP4 encoder's input."""
         remote = self._remote.get(replica.index)
-        if remote is not None:  # its leader sends the frames at the end, all at once
-            result = remote.run(request, progress, cancelled)
-            if sink is not None:
-                sink.put(result.frames)
-            return result
+        if remote is not None:  # its leader sends the frames in chunks after its decode
+            return remote.run(request, progress, cancelled, sink)
         broadcast_message(self.ctx, request)
-        return run_request(self.ctx, model, request, progress, cancelled, sink)
+        return run_request(self.ctx, model, request, progress, cancelled, sink, as_uint8=True)
 
     def _run_job(self, replica: Replica, model: ServedModel, request: GenerationRequest) -> bool:
         job_id = request.job_id

@@ -1,8 +1,10 @@
 """One request on one rank: the same function runs on every rank of the job.
 
 Steps: the request's LoRA adapters (exactly those, or none) → per-request pipeline view →
-encode + denoise (xfuser's pipeline, latents out) → VAE decode (rank 0, or every rank when the VAE is sharded) → float frames (rank 0). Every rank
-calls `on_step` after every denoising step; it reports progress and returns whether the ranks
+encode + denoise (xfuser's pipeline, latents out) → VAE decode (rank 0, or every rank when the
+VAE is sharded), one latent frame at a time → frames, uint8 for the MP4 encoder or float (rank 0
+alone). No rank holds the whole decoded video as one tensor, unless the decode is tiled. Every
+rank calls `on_step` after every denoising step; it reports progress and returns whether the ranks
 agreed to cancel. Stage times are taken after the device has finished the stage's work
 (`stage_clock`), not when the CPU has queued it.
 """
@@ -43,9 +45,11 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
              decode_cancelled: Callable[[], bool] = lambda: False,
              adapters: Adapters | None = None,
              sink: FrameSink | None = None,
-             step_cache: StepCache | None = None) -> GenerationResult | None:
+             step_cache: StepCache | None = None,
+             as_uint8: bool = False) -> GenerationResult | None:
     """`decode`: this rank takes part in the VAE decode; `frames`: it also turns the decoded
-    video into frames and returns them (rank 0). Without either it returns None.
+    video into frames and returns them (rank 0), uint8 with `as_uint8` (for the MP4 encoder),
+    else float32 in [0, 1]. Without either it returns None.
     `decode_cancelled` is asked before each latent frame the VAE decodes; with `frames`, `sink`
     gets each latent frame's video frames as soon as they are decoded."""
     if adapters is not None:
@@ -93,13 +97,14 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     # a tiled decode (memory.vae_tiling) calls the decoder once per tile and latent frame: its
     # calls give tiles, so the frames are taken from the whole video at the end
     tiled = bool(getattr(view.vae, "use_tiling", False))
-    after_each_frame, chunks = (frame_collector(view, sink) if frames and not tiled
+    after_each_frame, chunks = (frame_collector(view, sink, as_uint8) if frames and not tiled
                                 else (None, []))
     video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request),
                            after_each_frame)
     if not frames:
         return None
-    result = np.concatenate(chunks) if not tiled else whole_video_frames(view, video, sink)
+    result = (np.concatenate(chunks) if not tiled
+              else whole_video_frames(view, video, sink, as_uint8))
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
     peak_mb, peak_kind = read_peak(pipe._execution_device)
@@ -138,20 +143,37 @@ def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:
 @torch.no_grad()
 def decode_latents(pipe: WanServePipeline, latents: torch.Tensor,
                    before_each_frame: Callable[[], None] = lambda: None,
-                   after_each_frame: Callable | None = None) -> torch.Tensor:
-    """The Wan VAE decodes one latent frame per call of its decoder (a causal cache carries the
-    rest): `before_each_frame` runs before each, a point where a long decode can stop;
-    `after_each_frame`, a forward hook, gets each call's output (wanserve/engine/serving/frames.py)."""
+                   after_each_frame: Callable[[torch.Tensor], None] | None = None
+                   ) -> torch.Tensor | None:
+    """Decodes one latent frame per decoder call, as diffusers 0.42's `AutoencoderKLWan._decode`
+    does (its causal cache carries the rest), but hands each call's output (B, C, f, H, W) to
+    `after_each_frame` and keeps none: `_decode` concatenates them into the whole video on every
+    rank that decodes, a sharded VAE's other ranks too. `before_each_frame` runs before each
+    call, a point where a long decode can stop. Returns None; tiled (`vae.use_tiling`,
+    memory.vae_tiling), `vae.decode`'s whole video instead, and `after_each_frame` is not called
+    (its decoder calls give tiles)."""
     vae = pipe.vae
     latents = latents.to(vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
-    hooks = [vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())]
-    if after_each_frame is not None:
-        hooks.append(vae.decoder.register_forward_hook(after_each_frame))
-    try:
-        return vae.decode(latents * std + mean, return_dict=False)[0]
-    finally:
-        for hook in hooks:
+    latents = latents * std + mean
+    if getattr(vae, "use_tiling", False):
+        hook = vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())
+        try:
+            return vae.decode(latents, return_dict=False)[0]
+        finally:
             hook.remove()
+    vae.clear_cache()
+    try:
+        x = vae.post_quant_conv(latents)
+        for index in range(x.shape[2]):
+            before_each_frame()
+            vae._conv_idx = [0]
+            decoded = vae.decoder(x[:, :, index:index + 1], feat_cache=vae._feat_map,
+                                  feat_idx=vae._conv_idx, first_chunk=index == 0)
+            if after_each_frame is not None:
+                after_each_frame(decoded)
+    finally:
+        vae.clear_cache()
+    return None

@@ -3,9 +3,10 @@
 Rank 0 sends a job on the link's long-timeout channel (the leader may have waited for it for
 days). While the job runs, the leader asks rank 0 whether to stop after every step (and before
 every latent frame the VAE decodes), telling it the step it finished, and at the end sends the
-outcome - the frames as one tensor - all on the link's short-timeout channel, so a replica that
-dies or hangs is noticed within the collective timeout. Inside its replica the leader does
-exactly what rank 0 does in replica 0 (wanserve/engine/serving/worker.py `run_request`).
+outcome, then the frames, uint8, in bounded chunks (wanserve/engine/serving/frame_transfer.py),
+all on the link's short-timeout channel, so a replica that dies or hangs is noticed within the
+collective timeout. Inside its replica the leader does exactly what rank 0 does in replica 0
+(wanserve/engine/serving/worker.py `run_request`).
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from wanserve.engine.adapters.lora import AdapterLoadError
 from wanserve.engine.assembly import ServedModel
 from wanserve.engine.parallel.distributed import (DistContext, ReplicaLink, broadcast_message,
                                 exit_without_teardown, read_note)
+from wanserve.engine.serving.frame_transfer import (FramesHeader, frames_header, receive_frames,
+                                                     send_frames)
+from wanserve.engine.serving.frames import FrameSink
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled, Shutdown
 from wanserve.engine.serving.worker import JobOutOfMemory, end_of_job, oom_note, run_request
 
@@ -49,7 +52,7 @@ class _Outcome:
     fatal: bool = False
     code: str = "generation_failed"
     result: dict | None = None  # GenerationResult's fields but the frames
-    frames_shape: tuple[int, ...] = ()
+    frames: FramesHeader | None = None  # the frames that follow it
 
 
 def _send(group, obj, to: int) -> None:
@@ -69,14 +72,15 @@ class RemoteReplica:
         self.link = link
 
     def run(self, request: GenerationRequest, progress: Callable[[int, int], None],
-            cancelled: Callable[[], bool]) -> GenerationResult:
+            cancelled: Callable[[], bool], sink: FrameSink | None = None) -> GenerationResult:
+        """The job on the replica; `sink` gets its frames as they arrive from the leader."""
         link = self.link
         try:
             _send(link.jobs, request, link.leader)
             while True:
                 message = _recv(link.steps, link.leader)
                 if isinstance(message, _Outcome):
-                    return self._outcome(request, message)
+                    return self._outcome(request, message, sink)
                 done, total = message
                 if done is not None:
                     progress(done, total)
@@ -85,16 +89,16 @@ class RemoteReplica:
             raise ReplicaLost(f"replica {link.replica} (ranks {link.ranks[0]}-"
                               f"{link.ranks[-1]}) stopped answering: {exc}") from None
 
-    def _outcome(self, request: GenerationRequest, outcome: _Outcome) -> GenerationResult:
+    def _outcome(self, request: GenerationRequest, outcome: _Outcome,
+                 sink: FrameSink | None) -> GenerationResult:
         if outcome.kind == "cancelled":
             raise JobCancelled(request.job_id, outcome.step, request.num_inference_steps)
         if outcome.kind == "lora_failed":
             raise AdapterLoadError(outcome.message)
         if outcome.kind == "failed":
             raise ReplicaFailed(outcome.message, outcome.fatal, outcome.code)
-        frames = torch.empty(outcome.frames_shape, dtype=torch.float32)
-        dist.recv(frames, src=self.link.leader, group=self.link.steps)
-        return GenerationResult(frames=frames.numpy(), **outcome.result)
+        frames = receive_frames(outcome.frames, self.link.leader, self.link.steps, sink)
+        return GenerationResult(frames=frames, **outcome.result)
 
     def shutdown(self, reason: str) -> None:
         _send(self.link.jobs, Shutdown(reason), self.link.leader)
@@ -120,11 +124,11 @@ def leader_loop(ctx: DistContext, model: ServedModel) -> None:
                   f"of the job: {exc}")
         _send(link.steps, outcome, 0)
         if frames is not None:
-            dist.send(frames, dst=0, group=link.steps)
+            send_frames(frames, outcome.frames, 0, link.steps)
 
 
 def _run(ctx: DistContext, model: ServedModel, link: ReplicaLink,
-         request: GenerationRequest) -> tuple[_Outcome, torch.Tensor | None]:
+         request: GenerationRequest) -> tuple[_Outcome, np.ndarray | None]:
     finished: list = [None, None]  # the last step not yet told to rank 0
 
     def progress(done: int, total: int) -> None:
@@ -136,7 +140,7 @@ def _run(ctx: DistContext, model: ServedModel, link: ReplicaLink,
         return _recv(link.steps, 0)
 
     try:
-        result = run_request(ctx, model, request, progress, cancelled)
+        result = run_request(ctx, model, request, progress, cancelled, as_uint8=True)
     except JobCancelled as exc:
         return _Outcome("cancelled", step=exc.step), None
     except AdapterLoadError as exc:  # every rank, before any collective of the job
@@ -151,8 +155,7 @@ def _run(ctx: DistContext, model: ServedModel, link: ReplicaLink,
             return _Outcome("failed", oom, fatal=fatal, code="out_of_memory"), None
         return _Outcome("failed", f"generation failed: {exc}", fatal=fatal), None
     rest = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "frames"}
-    frames = torch.from_numpy(np.ascontiguousarray(result.frames, dtype=np.float32))
-    return _Outcome("finished", result=rest, frames_shape=tuple(frames.shape)), frames
+    return _Outcome("finished", result=rest, frames=frames_header(result.frames)), result.frames
 
 
 def _exit(ctx: DistContext, job_id: str, why: str) -> None:

@@ -37,8 +37,9 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """Rank 0's output: float frames in [0, 1], shape (F, H, W, 3), stage timings (s) and
-    rank 0's peak memory during the job (wanserve/engine/model/peak_memory.py)."""
+    """Rank 0's output: frames (F, H, W, 3), uint8 for the server's MP4 encoder or float32 in
+    [0, 1] for the offline runner, stage timings (s) and rank 0's peak memory during the job
+    (wanserve/engine/model/peak_memory.py)."""
 
     frames: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)

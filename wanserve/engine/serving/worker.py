@@ -44,9 +44,12 @@ _STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
                 progress: Progress | None = None,
                 cancelled: Callable[[], bool] = lambda: False,
-                sink: FrameSink | None = None) -> GenerationResult | None:
+                sink: FrameSink | None = None,
+                as_uint8: bool = False) -> GenerationResult | None:
     """Runs on every rank of a replica; returns the frames on its leader, None elsewhere
-    (and hands them to `sink` there as the VAE decodes them).
+    (and hands them to `sink` there as the VAE decodes them): uint8 with `as_uint8` (what the
+    server's MP4 encoder takes), else float32 in [0, 1] (the offline runner's, compared across
+    layouts).
 
     After every step the leader reports progress and all ranks agree on `cancelled()` (the
     leader's answer) in one tiny collective, so a cancel stops every rank at the same step. The
@@ -77,7 +80,7 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
                           frames=ctx.is_leader,
                           decode_cancelled=agreed if model.vae_sharded else cancelled,
                           adapters=model.adapters, sink=sink if ctx.is_leader else None,
-                          step_cache=model.step_cache)
+                          step_cache=model.step_cache, as_uint8=as_uint8)
     except JobCancelled as exc:  # at WARNING: the level every rank logs
         log.warning("rank %d: %s", ctx.rank, exc)
         raise

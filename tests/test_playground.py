@@ -314,7 +314,8 @@ def test_a_running_streamed_jobs_content_arrives_in_chunks_and_is_the_stored_fil
                         data={**STREAMED, "stream": "true"}, timeout=30,
                         files={"input_reference": png_bytes(176, 96)}).json()
     assert job["stream"] is True
-    content, status = f"{server.url}/v1/videos/{job['id']}/content", f"{server.url}/v1/videos/{job['id']}"
+    status = f"{server.url}/v1/videos/{job['id']}"
+    content = f"{status}/content"
     chunks, before_completion = [], 0
     with requests.get(content, headers=AUTH, stream=True, timeout=JOB_TIMEOUT_S) as resp:
         assert resp.status_code == 200, resp.text

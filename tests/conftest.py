@@ -236,10 +236,12 @@ API_KEY = "wanserve-test-key"
 
 @pytest.fixture(scope="session")
 def keyed_server(tmp_path_factory):
-    """One single-rank tiny server started with --api-key API_KEY, its steps paced (0.2 s each)
-    so that a client sees every one; started without waiting: wait_ready(keyed_server)."""
-    srv = start_server(tmp_path_factory.mktemp("keyed"), "--api-key", API_KEY,
-                       env={"WANSERVE_TEST_STEP_DELAY": "0.2"}, wait=False)
+    """One single-rank tiny server started with --api-key API_KEY, its steps and decoded
+    chunks paced (0.2 s each) so that a client sees every step and reads a streamed video while
+    it is decoded; started without waiting: wait_ready(keyed_server)."""
+    srv = start_server(tmp_path_factory.mktemp("keyed"), "--api-key", API_KEY, wait=False,
+                       env={"WANSERVE_TEST_STEP_DELAY": "0.2",
+                            "WANSERVE_TEST_DECODE_DELAY": "0.2"})
     yield srv
     code = srv.stop()
     assert code == 0, f"server exited with {code}:\n{srv.log()[-3000:]}"

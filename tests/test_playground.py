@@ -1,6 +1,8 @@
 """The playground at GET / in a real browser: Debian's headless chromium driven through
 chromedriver (selenium), against one real tiny server started with --api-key, so every request
-the page makes carries the key it asked for (the event stream included)."""
+the page makes carries the key it asked for (the event stream included). The streamed video it
+plays while it is decoded is read over plain HTTP first, from the same server, whose decode is
+paced (WANSERVE_TEST_DECODE_DELAY) so that a job is seen decoding."""
 from __future__ import annotations
 
 import io
@@ -19,6 +21,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from conftest import API_KEY, REPO, assert_stopped_after_cancel, png_bytes, wait_ready
+from test_http_e2e import decode_frames
+from wanserve.api.video import top_level_boxes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -27,7 +31,10 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync", "--window-size=1280,1000")
 ARTIFACTS = REPO / "tests" / ".artifacts"  # git-ignored; docs/img/ holds the committed copies
 KEY = API_KEY
+AUTH = {"Authorization": f"Bearer {KEY}"}
 JOB_TIMEOUT_S = 150
+STREAMED = {"prompt": "a streamed one", "size": "176x96", "num_frames": 33, "fps": 8,
+            "num_inference_steps": 1}  # 9 decoded chunks: 1 frame, then 4 each
 
 # every change of the progress bar and the step text, recorded in the page
 RECORD_PROGRESS = """
@@ -287,3 +294,103 @@ def test_the_job_list_shows_each_completed_jobs_thumbnail(page, server):
              "[img.naturalWidth, img.naturalHeight, img.src.slice(0, 5)] : null")
     until(page, lambda d: d.execute_script(shown, job["id"]), what="no thumbnail in the list")
     assert page.execute_script(shown, job["id"]) == [176, 96, "blob:"]
+
+
+def test_a_running_streamed_jobs_content_arrives_in_chunks_and_is_the_stored_file(server):
+    """`stream: true`: GET /content while the job runs answers 200 chunked, several chunks
+    arrive before the job completes, a reader joining late gets the same bytes from the first,
+    and the whole decodes to the 33 frames, a fragment per decoded chunk, and is the file
+    served after completion. A byte range of the running job is refused; a `stream` that is
+    not a boolean is a 400 naming it.
+    checked with: `live_video` answering None (wanserve/api/serving.py: the 404 of a running
+    job); the stored file encoded again after the decode (`stream = None` before `if stream is
+    None and ...` in `_encode_and_complete`)."""
+    wait_ready(server)
+    refused = requests.post(server.url + "/v1/videos", headers=AUTH, timeout=30,
+                            data={**STREAMED, "stream": "sometimes"},
+                            files={"input_reference": png_bytes(176, 96)})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    job = requests.post(server.url + "/v1/videos", headers={**AUTH, "Prefer": "respond-async"},
+                        data={**STREAMED, "stream": "true"}, timeout=30,
+                        files={"input_reference": png_bytes(176, 96)}).json()
+    assert job["stream"] is True
+    status = f"{server.url}/v1/videos/{job['id']}"
+    content = f"{status}/content"
+    chunks, before_completion = [], 0
+    with requests.get(content, headers=AUTH, stream=True, timeout=JOB_TIMEOUT_S) as resp:
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        for chunk in resp.iter_content(chunk_size=None):
+            if not chunks:  # the job is running: a late reader, and a range
+                late = requests.get(content, headers=AUTH, stream=True, timeout=JOB_TIMEOUT_S)
+                ranged = requests.get(content, headers={**AUTH, "Range": "bytes=100-"},
+                                      timeout=10)
+            chunks.append(chunk)
+            before_completion += requests.get(status, headers=AUTH,
+                                              timeout=10).json()["status"] != "completed"
+    streamed = b"".join(chunks)
+    with late:
+        assert late.content == streamed
+    assert ranged.status_code == 416 and ranged.json()["error"]["code"] == "range_not_satisfiable"
+    assert before_completion >= 3, (before_completion, len(chunks))
+    assert requests.get(status, headers=AUTH, timeout=10).json()["status"] == "completed"
+    assert requests.get(content, headers=AUTH, timeout=30).content == streamed
+    assert top_level_boxes(streamed) == [b"ftyp", b"moov", *[b"moof", b"mdat"] * 9, b"mfra"]
+    assert decode_frames(streamed).shape == (33, 96, 176, 3)
+
+
+def test_a_streamed_sync_call_answers_the_stored_file_and_a_cancel_cuts_it_off(server):
+    """POST /v1/videos/sync with `stream: true`: the fragments as they are written, in the
+    call, which are the file stored; a job cancelled mid-stream cuts its response off (no
+    chunked end, so the client knows it is not whole) instead of ending it or hanging.
+    checked with: `send_live` ending a video cut short with `response.eof()` like a whole one
+    (wanserve/api/app.py)."""
+    wait_ready(server)
+    whole = requests.post(server.url + "/v1/videos/sync", headers=AUTH, timeout=JOB_TIMEOUT_S,
+                          data={**STREAMED, "num_frames": 5, "stream": "true"},
+                          files={"input_reference": png_bytes(176, 96)})
+    assert whole.status_code == 200 and whole.headers["Transfer-Encoding"] == "chunked"
+    stored = requests.get(f"{server.url}/v1/videos/{whole.headers['X-Request-Id']}/content",
+                          headers=AUTH, timeout=30).content
+    assert whole.content == stored and decode_frames(stored).shape == (5, 96, 176, 3)
+    with requests.post(server.url + "/v1/videos/sync", headers=AUTH, timeout=JOB_TIMEOUT_S,
+                       data={**STREAMED, "stream": "true"}, stream=True,
+                       files={"input_reference": png_bytes(176, 96)}) as resp:
+        chunks = resp.iter_content(chunk_size=None)
+        next(chunks)
+        requests.delete(f"{server.url}/v1/videos/{resp.headers['X-Request-Id']}", headers=AUTH,
+                        timeout=10).raise_for_status()
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in chunks:
+                pass
+
+
+def test_a_streamed_job_plays_in_the_page_before_it_completes(page, server, tmp_path):
+    """*Play while it is decoded*: the page reads the job's content as it is written and plays
+    it through Media Source Extensions (Debian's chromium has them for H.264) while the server
+    still reports the job running; at the end the whole video is there to play and download.
+    checked with: movflags without `default_base_moof` (wanserve/api/video.py `FRAGMENTED`):
+    chromium's MSE refused the first fragment (a media error), and the video played only from
+    the whole file once the job had completed."""
+    fill(page, tmp_path, **STREAMED, seed=11)
+    by_id(page, "stream").click()
+    by_id(page, "submit").click()
+    playing = ("const v = document.getElementById('video');"
+               "return !v.hidden && v.currentTime > 0 && !v.paused")
+    until(page, lambda d: d.execute_script(playing), JOB_TIMEOUT_S, "the video never played")
+    job_id = by_id(page, "job-id").text
+    job = requests.get(f"{server.url}/v1/videos/{job_id}", headers=AUTH, timeout=10).json()
+    assert (job["stream"], job["status"]) == (True, "in_progress")
+    assert by_id(page, "playback").get_attribute("data-mode") == "stream"
+    assert by_id(page, "playback").text == "Playing while it is decoded."
+    until(page, lambda d: by_id(d, "status").text == "completed", JOB_TIMEOUT_S,
+          "the job did not complete")
+    until(page, lambda d: by_id(d, "download").is_displayed(), what="no download link")
+    duration = page.execute_script("return document.getElementById('video').duration")
+    assert duration == pytest.approx(33 / 8, abs=0.02)
+    mp4 = requests.get(f"{server.url}/v1/videos/{job_id}/content", headers=AUTH,
+                       timeout=30).content
+    size = page.execute_async_script(
+        "fetch(arguments[0]).then(r => r.blob()).then(b => arguments[1](b.size))",
+        by_id(page, "download").get_attribute("href"))
+    assert size == len(mp4)

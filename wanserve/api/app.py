@@ -20,6 +20,7 @@ from wanserve.api.capabilities import model_capabilities
 from wanserve.api.errors import (APIError, InvalidRequest, UnsupportedMediaType, error_body,
                         error_response)
 from wanserve.api.events import follow
+from wanserve.api.live_video import LiveVideo, VideoCutShort
 from wanserve.api.memory_budget import plan_report
 from wanserve.api.openapi import openapi_spec
 from wanserve.api.sdk_forms import nest_bracketed
@@ -91,6 +92,15 @@ def _range_number(digits: str) -> int | None:
     return None if digits == "" else int(digits) if len(digits) <= 18 else 10**18
 
 
+def _asks_a_part(header: str | None) -> bool:
+    """A `Range` other than the whole file (`bytes=0-`) and than those `_byte_range` ignores."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not match:
+        return False
+    first, last = (_range_number(g) for g in match.groups())
+    return last is not None or first not in (None, 0)
+
+
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One `bytes=a-b` range → (start, end inclusive); None for the whole file."""
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
@@ -105,6 +115,31 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise APIError("requested range not satisfiable", code="range_not_satisfiable",
                        status=416, headers={"Content-Range": f"bytes */{size}"})
     return start, min(end, size - 1)
+
+
+async def send_live(request: Request, live: LiveVideo, headers: dict[str, str]) -> bool:
+    """A streamed job's MP4 as it is written, chunked, from its first byte to its end; the
+    status and headers go with the first byte. False (nothing sent) if the video ended
+    unfinished before any byte; ended unfinished after some, the connection is cut, so the
+    client sees a truncated body rather than a whole one."""
+    chunks = live.follow()
+    try:
+        try:
+            first = await chunks.__anext__()
+        except VideoCutShort:
+            return False
+        response = await request.respond(content_type="video/mp4", headers=headers)
+        await response.send(first)
+        try:
+            async for data in chunks:
+                await response.send(data)
+        except VideoCutShort:
+            request.transport.close()  # without the last chunk of the chunked encoding
+        else:
+            await response.eof()
+        return True
+    finally:
+        await chunks.aclose()
 
 
 def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
@@ -170,6 +205,15 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
         fields, files = _fields_and_files(request)
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, service.create_job, fields, files)
+        live = service.live_video(job.id)
+        if live is not None:  # `stream: true`; the time is not known before the end
+            try:
+                if await send_live(request, live, {"X-Request-Id": job.id, "X-Model": job.model}):
+                    return None
+            except asyncio.CancelledError:  # the caller went away, as in `wait_for_caller`
+                if not service.stopping:
+                    service.cancel_abandoned(job.id)
+                raise
         job = await service.wait_for_caller(job.id)
         data = await loop.run_in_executor(None, service.video_bytes, job)
         return raw(data, content_type="video/mp4", headers={
@@ -214,6 +258,16 @@ def create_app(cfg: ServerConfig, service: VideoService) -> Sanic:
             raise InvalidRequest(f"`variant` must be one of {', '.join(previews.VARIANTS)}; got "
                                  f"{variant!r}", param="variant", code="invalid_value")
         job = service.get_job(video_id)
+        live = service.live_video(video_id) if variant == "video" else None
+        if live is not None:
+            if _asks_a_part(request.headers.get("range")):
+                raise APIError(f"video {video_id} is still being written: a byte range can be "
+                               "asked once it is completed; without `Range` the response "
+                               "follows it as it is written", code="range_not_satisfiable",
+                               status=416)
+            if await send_live(request, live, {"Accept-Ranges": "none"}):
+                return None
+            job = service.get_job(video_id)  # it ended unfinished
         path = service.store.video_path(job)
         if job.status != "completed" or path is None or not path.exists():
             raise APIError(f"video {video_id} is {job.status}, no content to download",

@@ -27,7 +27,7 @@ _COLUMNS = ("id", "created_ns", "status", "progress", "created_at", "completed_a
             "prompt", "seconds", "size", "seed", "num_frames", "fps", "error_code",
             "error_message", "timings", "video_file", "num_inference_steps", "quality",
             "peak_memory_mb", "peak_memory_kind", "attempts", "last_error", "cache",
-            "extended_from", "source_frames")
+            "extended_from", "source_frames", "stream")
 # timings that are not a stage of their own (a mean, a total)
 _NOT_STAGES = ("step_mean", "generate_total", "mp4_after_decode", "mp4_chunks")  # not own stages
 
@@ -60,6 +60,7 @@ class Job:
     cache: dict | None = None  # the step cache's report (policy, preset, computed, cached)
     extended_from: str | None = None  # an extension: the id of the video it continues
     source_frames: int | None = None  # an extension: the frames taken from its source
+    stream: bool = False  # a fragmented MP4, readable while it is written
     created_ns: int = field(default_factory=time.time_ns)  # total order for listing
 
     def public(self) -> dict:
@@ -136,6 +137,7 @@ class JobStore:
         values["cache"] = json.loads(values["cache"]) if values["cache"] else None
         values["quality"] = values["quality"] or "high"
         values["attempts"] = values["attempts"] or 0
+        values["stream"] = bool(values["stream"])
         return Job(**values)
 
     # --- writes ---------------------------------------------------------------------------

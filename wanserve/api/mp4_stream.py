@@ -1,7 +1,8 @@
 """The MP4 encoded while the VAE decodes: a frame sink (wanserve/engine/serving/frames.py) that
 hands each decoded chunk to an `Mp4Writer` on a thread of its own, so that when the decode ends
 only the last chunk and the flush are left to encode. The bytes are those `encode_mp4` gives for
-the same frames."""
+the same frames; a streamed job's (`live`) are a fragmented MP4 instead, a fragment per chunk,
+which its readers get as it is written (wanserve/api/live_video.py)."""
 from __future__ import annotations
 
 import queue
@@ -11,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from wanserve.api.live_video import LiveVideo
 from wanserve.api.video import DEFAULT_PRESET, Mp4Writer
 
 _END = object()
@@ -21,8 +23,10 @@ class StreamedMp4:
     from any other thread."""
 
     def __init__(self, fps: int, *, quality: str = "high", preset: str = DEFAULT_PRESET,
-                 crf: int = 18):
-        self._writer = Mp4Writer(fps, crf=crf, quality=quality, preset=preset)
+                 crf: int = 18, live: LiveVideo | None = None):
+        self._writer = Mp4Writer(fps, crf=crf, quality=quality, preset=preset,
+                                 fragments_to=live)
+        self.fragmented = live is not None
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._error: Exception | None = None
         self._aborted = False
@@ -33,7 +37,7 @@ class StreamedMp4:
 
     def put(self, frames: np.ndarray | Callable[[], Iterable[np.ndarray]]) -> None:
         """Frames, or a callable whose chunks of frames are made on the encoding thread (an
-        extension's source frames, decoded while the new part is generated)."""
+        extension's source frames, decoded while the new part is generated): one fragment."""
         if not self._aborted:
             self._chunks.put(frames)
 
@@ -43,8 +47,9 @@ class StreamedMp4:
                 continue
             start = time.perf_counter()
             try:
-                for frames in chunk() if callable(chunk) else (chunk,):
-                    self._writer.add(frames)
+                pieces = chunk() if callable(chunk) else (chunk,)
+                for index, frames in enumerate(pieces):
+                    self._writer.add(frames, keyframe=self.fragmented and index == 0)
                     self.frames += len(frames)
                     self.chunks += 1
             except Exception as exc:  # told by `finish`

@@ -248,7 +248,9 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                 "post": {
                     "summary": "Create a video and answer the MP4 itself (vLLM-Omni's route)",
                     "requestBody": body,
-                    "responses": {"200": {"description": "the MP4", "content": _MP4,
+                    "responses": {"200": {"description": "the MP4; with `stream: true` sent "
+                                          "while it is decoded (chunked, a fragmented MP4, "
+                                          "without X-Inference-Time-S)", "content": _MP4,
                                           "headers": {
                                               name: {"schema": {"type": "string"}} for name in
                                               ("X-Request-Id", "X-Model", "X-Inference-Time-S")}},
@@ -267,13 +269,16 @@ def openapi_spec(cfg: ServerConfig, features: ModelFeatures = ModelFeatures()) -
                 "get": {"parameters": [video_id, {"name": "variant", "in": "query",
                                                   # empty is absent, as for every field
                                                   "schema": {"enum": [*VARIANTS, ""]}}],
-                        "responses": {"200": {"description": "the MP4 (`video`, the default); "
+                        "responses": {"200": {"description": "the MP4 (`video`, the default; "
+                                              "of a `stream: true` job still running, chunked "
+                                              "as it is written, until it ends); "
                                               "the middle frame as WebP (`thumbnail`); evenly "
                                               "spaced frames in one JPEG grid (`spritesheet`, "
                                               "layout in the X-Sprite-* headers)",
                                               "content": {**_MP4, **_IMAGES},
                                               "headers": _SPRITE_HEADERS},
-                                      "206": {"description": "a byte range of the MP4",
+                                      "206": {"description": "a byte range of the MP4 (of a "
+                                              "finished one: a running job's answers 416)",
                                               "content": _MP4},
                                       **_errors(400, 401, 404, 416)}},
             },

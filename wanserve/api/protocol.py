@@ -42,6 +42,11 @@ class VideoCreateParams(BaseModel):
     quality: Optional[Quality] = Field(
         default=None, description="`high` (H.264 yuv420p, the default) or `lossless` (H.264 RGB "
         "at qp 0: the decoded frames are the generated ones, bit for bit)")
+    stream: Optional[bool] = Field(
+        default=None, description="`true`: the MP4 is fragmented (a fragment per decoded "
+        "chunk) and `GET /v1/videos/{id}/content` sends it while it is decoded; "
+        "`POST /v1/videos/sync` then answers it so. Default `false`: one MP4 with its index up "
+        "front (`+faststart`)")
     extra_params: Optional[Union[dict[str, Any], str]] = Field(
         default=None, description="more fields as a JSON object, or its JSON text, merged "
         "under the top-level ones: a top-level field wins, unknown keys are ignored")
@@ -116,6 +121,8 @@ class VideoJob(BaseModel):
     source_frames: Optional[int] = Field(
         default=None, description="an extension: the frames that come from the source video "
         "(the new part starts after them; `num_frames` and `seconds` are the whole video's)")
+    stream: bool = Field(default=False, description="created with `stream: true`: its MP4 is "
+                         "fragmented and can be read while it is decoded")
 
 
 class VideoEvent(BaseModel):

@@ -3,6 +3,8 @@
 Engine events arrive on the engine thread; each job's MP4 is encoded on a thread of its own as
 the VAE decodes its frames (wanserve/api/mp4_stream.py) and finished and stored on this service's
 own executor, so the engine thread is free for the next job while the previous one is stored.
+A streamed job's (`stream: true`) is a fragmented MP4 whose bytes its readers follow as they are
+written (`live_video`), from its creation until it ends.
 
 A stop loses no job: one the engine gives back unfinished because the server stops, or because a
 rank broke and the engine stops for a restart, goes back to `queued` with its inputs kept, and
@@ -26,6 +28,7 @@ from wanserve.api.extensions import (SOURCE_PART, ExtensionStream, SourceVideo, 
 from wanserve.api.errors import (APIError, EngineUnavailable, GenerationFailed,
                                  InsufficientStorage, InvalidRequest, NotFound, RateLimited)
 from wanserve.api.jobs import TERMINAL, Job, JobStore, is_job_id, new_job_id
+from wanserve.api.live_video import LiveVideo
 from wanserve.api.metrics import Metrics
 from wanserve.api.memory_budget import check_budget
 from wanserve.api.pacing import PollPacer
@@ -62,6 +65,7 @@ class VideoService:
         self.stopping = False
         self._encoding: set[str] = set()  # generated, MP4 being written: answered when stored
         self._streams: dict[str, StreamedMp4] = {}  # MP4s encoded while their job decodes
+        self._live: dict[str, LiveVideo] = {}  # streamed jobs' MP4s, for their readers
         self.resuming = False  # jobs from before a restart still going back into the queue
 
     # --- requests (event loop) ------------------------------------------------------------
@@ -123,7 +127,7 @@ class VideoService:
                   num_inference_steps=request.num_inference_steps,
                   quality=params.quality or "high",
                   extended_from=source and source.job_id,
-                  source_frames=source and source.frames)
+                  source_frames=source and source.frames, stream=bool(params.stream))
         try:  # the seed pinned: a re-run after a restart makes the same video
             self.store.add(job, {**fields, "seed": request.seed}, files)
         except (OSError, sqlite3.Error) as exc:
@@ -134,11 +138,14 @@ class VideoService:
         self.retention.enforce_caps()
         queued = dataclasses.replace(job)  # as submitted: the engine may start it at once
         self._waiters[job_id] = self.loop.create_future()
+        if job.stream:
+            self._live[job_id] = LiveVideo()
         try:
             engine.submit(request)
         except QueueFull as exc:
             self.store.delete(job_id)
             self._waiters.pop(job_id, None)
+            self._live.pop(job_id, None)
             self.metrics.rejected.inc()
             raise RateLimited(str(exc), code="queue_full", headers={"Retry-After": "10"}) from None
         self.metrics.jobs.labels("queued").inc()
@@ -183,6 +190,11 @@ class VideoService:
         if job.status == "cancelled":
             raise APIError("the job was cancelled", code="cancelled", status=409)
         return self.store.video_path(job).read_bytes()
+
+    def live_video(self, job_id: str) -> LiveVideo | None:
+        """The MP4 of a streamed job that has not ended, as it is written; None once the job
+        ended (its file is stored then, if it completed)."""
+        return self._live.get(job_id)
 
     def sync_body(self, job: Job) -> dict:
         data = self.video_bytes(job)
@@ -245,6 +257,8 @@ class VideoService:
         self._replicas[job_id] = replica = self._replica(job_id)
         self.metrics.replica_jobs.labels(replica).inc()
         job = self.store.get(job_id)
+        if job is not None and job.stream and job_id not in self._live:  # resumed after a restart
+            self._live[job_id] = LiveVideo()
         self.store.update(job_id, status="in_progress", attempts=(job.attempts if job else 0) + 1,
                           last_error=None)
 
@@ -274,7 +288,8 @@ class VideoService:
         return stream
 
     def _new_stream(self, job: Job) -> StreamedMp4:
-        options = {"quality": job.quality, "preset": self.cfg.mp4_preset}
+        options = {"quality": job.quality, "preset": self.cfg.mp4_preset,
+                   "live": self._live.get(job.id)}
         if not job.source_frames:
             return StreamedMp4(job.fps, **options)
         inputs = self.store.inputs.load(job.id)
@@ -294,7 +309,7 @@ class VideoService:
         try:
             start = time.perf_counter()
             stream = self._streams.pop(job_id, None)
-            if stream is None and job.source_frames:  # stitched here, all at once
+            if stream is None and (job.source_frames or job.stream):  # here, all at once
                 stream = self._new_stream(job)
                 stream.put(result.frames)
             if stream is not None:  # every frame was put as it was decoded
@@ -373,8 +388,9 @@ class VideoService:
 
     def release_waiters(self) -> None:
         """Answer every synchronous caller still waiting (`wait_for_caller` tells the ones
-        whose job is not done that it runs after the restart)."""
-        for job_id in list(self._waiters):
+        whose job is not done that it runs after the restart), and end every streamed video's
+        readers."""
+        for job_id in {*self._waiters, *self._live}:
             if job_id not in self._encoding:
                 self._resolve(job_id)
 
@@ -390,6 +406,9 @@ class VideoService:
         stream = self._streams.pop(job_id, None)
         if stream is not None:  # the job ended without a video
             stream.abort()
+        live = self._live.pop(job_id, None)
+        if live is not None:  # after the job's state: a reader who misses it finds the file
+            live.end(complete=job is not None and job.status == "completed")
         future = self._waiters.pop(job_id, None)
         if future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))

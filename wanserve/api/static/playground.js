@@ -1,6 +1,7 @@
 // The playground at GET /: a client of the public API, nothing the page knows that
 // /v1/models does not say. Progress comes from GET /v1/videos/{id}/events read with fetch
-// (EventSource cannot send the Authorization header), polling the job when that fails.
+// (EventSource cannot send the Authorization header), polling the job when that fails. A job
+// created with `stream` plays while it is decoded, through Media Source Extensions.
 "use strict";
 
 const TERMINAL = ["completed", "failed", "cancelled"];
@@ -127,6 +128,7 @@ function requestBody() {
   for (const name of ["fps", "num_inference_steps", "guidance_scale", "seed"]) add(name, $(name).value);
   if (!$("lora-field").hidden) add("lora", $("lora").value);
   if (!$("cache-field").hidden) add("cache", $("cache").value);
+  if ($("stream").checked) add("stream", "true");
   return body;
 }
 
@@ -180,13 +182,16 @@ function track(job) {
   if (state.follow) state.follow.abort();
   state.follow = new AbortController();
   state.current = job.id;
-  $("video").hidden = $("download").hidden = true;
+  $("video").hidden = $("download").hidden = $("playback").hidden = true;
   $("job-facts").textContent = "";
   showProgress(job);
-  follow(job.id, state.follow.signal);
+  // true once it shows the video; the whole file is fetched at the end otherwise
+  const live = job.stream && !TERMINAL.includes(job.status)
+    ? playWhileDecoded(job.id, state.follow.signal).catch(() => false) : null;
+  follow(job.id, state.follow.signal, live);
 }
 
-async function follow(id, signal) {
+async function follow(id, signal, live) {
   let last;
   try {
     last = state.pollOnly ? await poll(id, signal) : await streamEvents(id, signal)
@@ -200,7 +205,10 @@ async function follow(id, signal) {
       return showError(error);
     }
   }
-  if (last.status === "completed") await Promise.all([showVideo(id), showFacts(id)]).catch(showError);
+  if (last.status === "completed") {
+    const shown = live && await live;
+    await Promise.all([shown || showVideo(id), showFacts(id)]).catch(showError);
+  }
   refreshJobs();
 }
 
@@ -257,17 +265,97 @@ async function showVideo(id) {
   // fetched, not linked: a plain <video src> could not send the API key
   const blob = await (await api("GET", `/v1/videos/${id}/content`, { raw: true })).blob();
   if (state.current !== id) return;
+  play(URL.createObjectURL(blob));
+  offerDownload(id, blob);
+}
+
+function play(url) {
   if (state.videoUrl) URL.revokeObjectURL(state.videoUrl);
-  state.videoUrl = URL.createObjectURL(blob);
+  state.videoUrl = url;
   const video = $("video");
-  video.src = state.videoUrl;
+  video.src = url;
   video.hidden = false;
   video.play().catch(() => { /* autoplay refused: the controls are there */ });
+}
+
+function offerDownload(id, blob) {
   const link = $("download");
-  link.href = state.videoUrl;
+  if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
+  link.href = URL.createObjectURL(blob);
   link.download = `${id}.mp4`;
   link.textContent = `Download MP4 (${(blob.size / 1024).toFixed(1)} KiB)`;
   link.hidden = false;
+}
+
+function showPlayback(mode, text) {
+  $("playback").dataset.mode = mode;
+  $("playback").textContent = text;
+  $("playback").hidden = false;
+}
+
+// The codec of a fragmented MP4 from its first bytes (ftyp, then the moov whose avcC box holds
+// the profile, its compatibility flags and the level); null until they have arrived.
+function avcCodec(head) {
+  for (let i = 0; i + 8 <= head.length; i++) {
+    if (head[i] === 0x61 && head[i + 1] === 0x76 && head[i + 2] === 0x63 && head[i + 3] === 0x43) {
+      return "avc1." + [...head.subarray(i + 5, i + 8)]
+        .map((b) => b.toString(16).padStart(2, "0")).join("");
+    }
+  }
+  return null;
+}
+
+function joined(parts) {
+  const all = new Uint8Array(parts.reduce((n, part) => n + part.length, 0));
+  parts.reduce((at, part) => { all.set(part, at); return at + part.length; }, 0);
+  return all;
+}
+
+// A streamed job's MP4, fragment by fragment as GET /content sends them, appended to a
+// MediaSource that plays from the first; where the browser has no MSE for its codec, the
+// same response read to its end and played whole (and the page says so).
+async function playWhileDecoded(id, signal) {
+  const resp = await api("GET", `/v1/videos/${id}/content`, { raw: true, signal });
+  const reader = resp.body.getReader();
+  const parts = [];
+  let codec = null;
+  while (!codec) {
+    const { value, done } = await reader.read();
+    if (done) return false;
+    parts.push(value);
+    codec = avcCodec(joined(parts));
+  }
+  const type = `video/mp4; codecs="${codec}"`;
+  if (!window.MediaSource || !MediaSource.isTypeSupported(type)) {
+    showPlayback("whole", `This browser cannot play ${codec} while it arrives (no Media ` +
+                 "Source Extensions for it): the video plays once it is complete.");
+    for (let part; !(part = await reader.read()).done;) parts.push(part.value);
+    if (state.current !== id) return true;
+    const blob = new Blob(parts, { type: "video/mp4" });
+    play(URL.createObjectURL(blob));
+    offerDownload(id, blob);
+    return true;
+  }
+  if (state.current !== id) return true;
+  const source = new MediaSource();
+  play(URL.createObjectURL(source));
+  await new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
+  const buffer = source.addSourceBuffer(type);
+  const append = (bytes) => new Promise((resolve, reject) => {
+    buffer.addEventListener("updateend", resolve, { once: true });
+    buffer.addEventListener("error", () => reject(new Error("the browser refused a fragment")),
+                            { once: true });
+    buffer.appendBuffer(bytes);
+  });
+  showPlayback("stream", "Playing while it is decoded.");
+  await append(joined(parts));
+  for (let part; !(part = await reader.read()).done;) {
+    parts.push(part.value);
+    await append(part.value);
+  }
+  source.endOfStream();
+  if (state.current === id) offerDownload(id, new Blob(parts, { type: "video/mp4" }));
+  return true;
 }
 
 async function cancel(id) {

@@ -39,6 +39,18 @@ _OOM_AT = os.environ.get("WANSERVE_TEST_OOM_AT")
 # Test-only: seconds every rank sleeps after each denoising step, so that a test's job is
 # surely still running when it acts on it, without burning the CPU the other ranks need.
 _STEP_DELAY_S = float(os.environ.get("WANSERVE_TEST_STEP_DELAY", "0"))
+# Test-only: seconds the leader sleeps after handing each decoded chunk to the sink, so that a
+# test can read a streamed video while it is decoded.
+_DECODE_DELAY_S = float(os.environ.get("WANSERVE_TEST_DECODE_DELAY", "0"))
+
+
+class _PacedSink:
+    def __init__(self, sink: FrameSink):
+        self._sink = sink
+
+    def put(self, frames) -> None:
+        self._sink.put(frames)
+        time.sleep(_DECODE_DELAY_S)
 
 
 def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest,
@@ -74,6 +86,8 @@ def run_request(ctx: DistContext, model: ServedModel, request: GenerationRequest
             progress(done, total)
         return agreed()
 
+    if sink is not None and _DECODE_DELAY_S:
+        sink = _PacedSink(sink)
     # a sharded VAE decodes on every rank together; only rank 0 needs the frames
     try:
         result = generate(model.pipe, request, on_step, decode=ctx.is_leader or model.vae_sharded,

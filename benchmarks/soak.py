@@ -9,8 +9,9 @@ of each kind of traffic, a burst of bad requests), takes each rank's idle figure
 `--clients` workers of mixed traffic for `--minutes`: synchronous and asynchronous creates with
 random valid parameters (sizes, frames, steps, seeds, guidance on and off, last frames, step
 cache presets, per-request adapters: two LoRAs registered, one, a scale, both or none;
-`--no-adapters` leaves them out), cancels, deletes, list pages, `Range` downloads, thumbnails, event streams
-dropped after the first event, and bad requests, some in concurrent bursts. Every
+`--no-adapters` leaves them out), `stream: true` jobs whose content is read while they decode
+(to the end, or dropped after the first chunk), cancels, deletes, list pages, `Range`
+downloads, thumbnails, event streams dropped after the first event, and bad requests, some in concurrent bursts. Every
 `--sample-every` seconds it records each rank's resident memory, descriptors, threads, child
 processes and mapped /dev/shm, and the data dir's bytes, the SQLite file's size and rows.
 

@@ -36,7 +36,7 @@ class Traffic:
         self.actions = [(self.create_sync, 20), (self.create_async, 25), (self.cancel, 4),
                         (self.delete_finished, 4), (self.list_page, 10), (self.download_range, 10),
                         (self.thumbnail, 3), (self.events_dropped, 5), (self.bad_one, 12),
-                        (self.bad_burst, 2)]
+                        (self.bad_burst, 2), (self.streamed, 6)]
 
     # --- bookkeeping -----------------------------------------------------------------------
     def count(self, action: str, status: int | str) -> None:
@@ -154,6 +154,28 @@ class Traffic:
                 resp.readline()
         finally:
             conn.close()
+
+    def streamed(self) -> None:
+        """A `stream: true` job's content read while it decodes: to the end, or dropped after
+        the first chunk."""
+        resp = requests.post(self.server.url + "/v1/videos", data={**self.params(), "stream": "true"},
+                             files=self.files(False), headers={"Prefer": "respond-async"},
+                             timeout=600)
+        self.count("stream_create", resp.status_code)
+        if resp.status_code != 202:
+            return
+        self._accept(resp.json())
+        whole = self.rng.random() < 0.5
+        with requests.get(f"{self.server.url}/v1/videos/{resp.json()['id']}/content",
+                          stream=True, timeout=600) as content:
+            self.count("stream_content", content.status_code)
+            if content.status_code == 200:
+                try:
+                    for _ in content.iter_content(chunk_size=None):
+                        if not whole:
+                            break
+                except requests.RequestException:  # cut off: the job was cancelled meanwhile
+                    self.count("stream_content", "cut")
 
     def bad_one(self, case=None) -> None:
         what, method, target, headers, body = case or self.rng.choice(self.bad)

@@ -57,28 +57,37 @@ class ServedModel:
     memory_plan: MemoryPlan | None = None  # rank 0's: the bytes a request will take per rank
 
 
+def loads_sliced(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel) -> bool:
+    """Whether each rank reads only its shards of the experts (wanserve/engine/parallel/
+    sliced_loading.py): a checkpoint, sharded weights over several ranks, and no fused adapter
+    (merging one needs the whole weights: those are loaded whole, merged, then sharded)."""
+    return (cfg.shard_weights and ctx.replica_size > 1 and not cfg.adapters
+            and not isinstance(model_path, RandomModel))
+
+
 def load_weights(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
                  ) -> tuple[WanServePipeline, dict]:
     """The load step: a checkpoint's weights (for `random:NAME`, random ones built there) on
-    the device, and this rank's peak memory while loading: the host's resident high-water
-    mark and, on a GPU, the allocator's peak."""
-    host = torch.device("cpu")
-    reset_peak(host)
+    the device; with sliced loading the experts stay on `meta` until the shard step. Starts
+    the peak-memory window that `peak_while_loading` reads."""
+    reset_peak(torch.device("cpu"))
     if ctx.device.type == "cuda":
         reset_peak(ctx.device)
     keep_on_host = ((EXPERTS if cfg.offload_inactive_expert else ())
                     + (("text_encoder",) if cfg.text_encoder == "cpu" else ()))
     if isinstance(model_path, RandomModel):
-        pipe, loaded = build_random_pipeline(model_path, DTYPES[cfg.dtype], ctx.device,
-                                             keep_on_host)
-    else:
-        pipe, loaded = load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device, keep_on_host)
-    peaks = {"host_mib": read_peak(host)[0]}
+        return build_random_pipeline(model_path, DTYPES[cfg.dtype], ctx.device, keep_on_host)
+    return load_pipeline(model_path, DTYPES[cfg.dtype], ctx.device, keep_on_host,
+                         experts_on_meta=loads_sliced(cfg, ctx, model_path))
+
+
+def peak_while_loading(ctx: DistContext) -> dict:
+    """This rank's peak memory since `load_weights` started: the host's resident high-water
+    mark and, on a GPU, the allocator's peak."""
+    peaks = {"host_mib": read_peak(torch.device("cpu"))[0]}
     if ctx.device.type == "cuda":
         peaks["device_mib"] = read_peak(ctx.device)[0]
-    loaded["peak_memory"] = {key: None if value is None else round(value, 1)
-                             for key, value in peaks.items()}
-    return pipe, loaded
+    return {key: None if value is None else round(value, 1) for key, value in peaks.items()}
 
 
 def plan_memory(cfg: ServerConfig, ctx: DistContext, pipe, vae_sharded: bool) -> MemoryPlan:
@@ -99,18 +108,24 @@ def assemble(cfg: ServerConfig, ctx: DistContext, model_path: Path | RandomModel
     backend = select_backend(ctx.device, DTYPES[cfg.dtype], cfg.layout.ring,
                              require=cfg.attention_backend)
     pipe, loaded = load_weights(cfg, ctx, model_path)
+    sliced = loads_sliced(cfg, ctx, model_path)
     pipe.vae.to(DTYPES[cfg.vae_dtype])  # loaded in float32, as the checkpoints ship it
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()  # diffusers' tiles: 256x256 pixels, 192 apart
-    # every rank's peak while loading, in rank order (rank 0 reports them all)
-    loaded["peak_memory_per_rank"] = gather_to_all(ctx, loaded.pop("peak_memory"))
     placed, offload = place_on_device(pipe, ctx.device, cfg.offload_inactive_expert,
-                                      text_encoder_on_host=cfg.text_encoder == "cpu")
+                                      text_encoder_on_host=cfg.text_encoder == "cpu",
+                                      filled_later=EXPERTS if sliced else ())
     adapters, adapters_report = load_adapters(pipe, cfg, offload)
-    sharding = shard_experts(pipe, ctx) if cfg.shard_weights else None
+    sharding = (shard_experts(pipe, ctx, checkpoint=model_path if sliced else None)
+                if cfg.shard_weights else None)
+    # every rank's peak while loading (sharded experts filled), in rank order: rank 0 reports
+    loaded["peak_memory_per_rank"] = gather_to_all(ctx, peak_while_loading(ctx))
     if sharding is not None:  # every rank's, in rank order
         sharding["param_bytes_per_rank"] = gather_to_all(
             ctx, sum(param_bytes(e) for e in experts_of(pipe)))
+        if "checkpoint_bytes_read" in sharding:
+            sharding["checkpoint_bytes_read_per_rank"] = gather_to_all(
+                ctx, sharding.pop("checkpoint_bytes_read"))
     step_cache, cache_report = attach_step_cache(pipe, cfg.cache)
     compiled, compile_report = compile_blocks(pipe, cfg.compile)
     parallel, vae_group = start_parallel_runtime(

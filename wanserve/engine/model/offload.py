@@ -99,13 +99,16 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def place_on_device(pipe, device: torch.device, offload_inactive_expert: bool,
-                    text_encoder_on_host: bool = False) -> tuple[dict, ExpertOffload | None]:
+                    text_encoder_on_host: bool = False, filled_later: tuple[str, ...] = ()
+                    ) -> tuple[dict, ExpertOffload | None]:
     """Every component on `device` (most were loaded there already); with offload, the experts
     are left to ExpertOffload, which keeps only the one in use there; the text encoder on the
     host stays there (it encodes there: diffusers 0.42.1 runs it where its weights are and moves
-    the embeddings to the device). Returns what it did (for /health) and the offload."""
+    the embeddings to the device). The components named in `filled_later` are left alone
+    (experts still on `meta`, filled after sharding). Returns what it did (for /health) and the
+    offload."""
     on_host = (EXPERTS if offload_inactive_expert else ()) + (
-        ("text_encoder",) if text_encoder_on_host else ())
+        ("text_encoder",) if text_encoder_on_host else ()) + filled_later
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in on_host:
             component.to(device)

@@ -123,21 +123,28 @@ SOLVERS = ("unipc", "euler")
 
 
 def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
-                  keep_on_host: tuple[str, ...] = ()) -> tuple[WanServePipeline, dict]:
+                  keep_on_host: tuple[str, ...] = (), experts_on_meta: bool = False
+                  ) -> tuple[WanServePipeline, dict]:
     """Load a diffusers-format Wan2.2 checkpoint (the tiny models are too); returns it and
     what was loaded (for /health). The weights go straight from the files to `device` (no
-    whole-model copy in host memory per rank), except the components named in `keep_on_host`."""
+    whole-model copy in host memory per rank), except the components named in `keep_on_host`.
+    With `experts_on_meta` the experts are built without weights, for sharded loading
+    (wanserve/engine/parallel/sliced_loading.py)."""
+    from wanserve.engine.parallel.sliced_loading import build_on_meta
+
     start = time.perf_counter()
 
     def where(name: str) -> dict:
         return {} if name in keep_on_host else {"device_map": device}
 
-    experts = {
-        name: WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype,
-                                                  **where(name))
-        for name in ("transformer", "transformer_2")
-        if (Path(model_path) / name).is_dir()
-    }
+    def expert(name: str) -> torch.nn.Module:
+        if experts_on_meta:
+            return build_on_meta(WanServeTransformer, Path(model_path) / name, dtype)
+        return WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype,
+                                                   **where(name))
+
+    experts = {name: expert(name) for name in ("transformer", "transformer_2")
+               if (Path(model_path) / name).is_dir()}
     # the VAE is small next to the experts; float32 keeps encode and decode precise
     vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=torch.float32,
                                            **where("vae"))

@@ -63,10 +63,11 @@ def _fill(tensor: torch.Tensor, module: torch.nn.Module, name: str, generator) -
 
 @torch.no_grad()
 def materialise(factory, dtype: torch.dtype, device: torch.device, seed: int,
-                keep_in_fp32: bool = True) -> torch.nn.Module:
+                keep_in_fp32: bool = True, keep_buffers: bool = False) -> torch.nn.Module:
     """`factory()`'s module with random weights on `device`. With `keep_in_fp32` the
     submodules the class names in `_keep_in_fp32_modules` stay float32, as from_pretrained
-    leaves them."""
+    leaves them. With `keep_buffers` the buffers stay where the constructors built them (the
+    host)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -87,7 +88,8 @@ def materialise(factory, dtype: torch.dtype, device: torch.device, seed: int,
             sub._parameters[name] = made[id(param)]
     if hasattr(module, "tie_weights"):  # transformers: the input embeddings are shared
         module.tie_weights()
-    torch.nn.Module.to(module, device)  # the buffers; parameters are there already
+    if not keep_buffers:
+        torch.nn.Module.to(module, device)  # the buffers; parameters are there already
     return module.eval()
 
 

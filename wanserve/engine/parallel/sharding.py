@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
 from wanserve.engine.parallel.group_timeouts import groups_created_with
+from wanserve.engine.parallel.sliced_loading import fill_shards
 
 log = logging.getLogger("wanserve.engine")
 
@@ -41,9 +43,11 @@ def experts_of(pipe) -> list[torch.nn.Module]:
     return [e for e in (getattr(pipe, name, None) for name in EXPERTS) if e is not None]
 
 
-def shard_experts(pipe, ctx) -> dict:
+def shard_experts(pipe, ctx, checkpoint: Path | None = None) -> dict:
     """Every rank of every replica calls this at the same point (the mesh is a collective).
-    Returns what it did, for /health (each rank's parameter bytes are added by the caller)."""
+    With `checkpoint` the experts are on `meta` and each rank reads its shards from
+    `checkpoint`/<expert> (wanserve/engine/parallel/sliced_loading.py). Returns what it did,
+    for /health (each rank's parameter bytes are added by the caller)."""
     experts = experts_of(pipe)
     unsharded = sum(param_bytes(e) for e in experts)
     if ctx.replica_size == 1:
@@ -55,11 +59,22 @@ def shard_experts(pipe, ctx) -> dict:
     with groups_created_with(timedelta(seconds=ctx.collective_timeout_s)):
         mesh = init_device_mesh(ctx.device.type, (layout.dp, layout.replica_size),
                                 mesh_dim_names=("replica", "shard"))["shard"]
-    for expert in experts:
+    bytes_read = 0
+    for name in EXPERTS:
+        expert = getattr(pipe, name, None)
+        if expert is None:
+            continue
         expert.eval().requires_grad_(False)
         for block in expert.blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=True)
         fully_shard(expert, mesh=mesh, reshard_after_forward=True)
-    return {"experts": f"sharded over the {ctx.replica_size} ranks of each replica (FSDP2, "
-                       "one unit per block, then the root)",
-            "unsharded_bytes": unsharded}
+        if checkpoint is not None:
+            bytes_read += fill_shards(expert, checkpoint / name, ctx.device)
+    report = {"experts": f"sharded over the {ctx.replica_size} ranks of each replica (FSDP2, "
+                         "one unit per block, then the root)",
+              "unsharded_bytes": unsharded,
+              "loading": ("each rank read only its own rows" if checkpoint is not None
+                          else "whole experts on every rank, then sharded")}
+    if checkpoint is not None:
+        report["checkpoint_bytes_read"] = bytes_read  # this rank's (the caller gathers them)
+    return report

@@ -193,13 +193,14 @@ class Traffic:
     def prime(self) -> None:
         """Before the idle figures are taken (not counted): the largest request, with a last
         frame, in each of its variants at once (guidance on and off, the step cache on and
-        off, each adapter value), so that memory reaches the high-water mark traffic will; one
+        off, the adapters), so that memory reaches the high-water mark traffic will; one
         of each action; a burst of concurrent creates, so that every pool has grown to its
         size."""
         variants = [{**LARGEST, "prompt": "prime", **guidance, **cache}
                     for guidance in ({}, {"guidance_scale": "1.0", "guidance_scale_2": "1.0"})
                     for cache in ({}, {"cache": self.presets[0]})]
-        variants += [{**LARGEST, "prompt": "prime", "lora": lora} for lora in self.adapters]
+        if self.adapters:  # every adapter at once: the most LoRA layers a request runs
+            variants.append({**LARGEST, "prompt": "prime", "lora": max(self.adapters, key=len)})
         with ThreadPoolExecutor(BURST) as pool:
             list(pool.map(lambda fields: self._create("prime", fields, True, True), variants))
             self.drain(timeout=600)

@@ -43,16 +43,6 @@ def _as_frames(pipe, video: torch.Tensor, as_uint8: bool) -> np.ndarray:
     return frames.contiguous().cpu().numpy()
 
 
-def whole_video_frames(pipe, video: torch.Tensor, sink: FrameSink | None,
-                       as_uint8: bool = False) -> np.ndarray:
-    """`vae.decode`'s whole output (unpatchified and clamped there) as frames, handed to `sink`
-    in one chunk."""
-    frames = _as_frames(pipe, video, as_uint8)
-    if sink is not None:
-        sink.put(frames)
-    return frames
-
-
 def frame_collector(pipe, sink: FrameSink | None, as_uint8: bool = False
                     ) -> tuple[Callable[[torch.Tensor], None], list[np.ndarray]]:
     """A callback for each decoder call's output that post-processes it, keeps it and passes

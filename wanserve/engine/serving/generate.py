@@ -3,7 +3,7 @@
 Steps: the request's LoRA adapters (exactly those, or none) → per-request pipeline view →
 encode + denoise (xfuser's pipeline, latents out) → VAE decode (rank 0, or every rank when the
 VAE is sharded), one latent frame at a time → frames, uint8 for the MP4 encoder or float (rank 0
-alone). No rank holds the whole decoded video as one tensor, unless the decode is tiled. Every
+alone). No rank holds the whole decoded video as one tensor, tiled or not. Every
 rank calls `on_step` after every denoising step; it reports progress and returns whether the ranks
 agreed to cancel. Stage times are taken after the device has finished the stage's work
 (`stage_clock`), not when the CPU has queued it.
@@ -21,7 +21,8 @@ from wanserve.engine.adapters.lora import Adapters
 from wanserve.engine.model.peak_memory import read_peak, reset_peak
 from wanserve.engine.model.pipeline import WanServePipeline
 from wanserve.engine.model.step_cache import StepCache
-from wanserve.engine.serving.frames import FrameSink, frame_collector, whole_video_frames
+from wanserve.engine.serving.frames import FrameSink, frame_collector
+from wanserve.engine.serving.tiled_decode import decode_tiled_frames
 from wanserve.engine.serving.request import GenerationRequest, GenerationResult, JobCancelled
 
 StepHook = Callable[[int, int], bool]  # (steps done, total) -> cancel?
@@ -94,17 +95,12 @@ def generate(pipe: WanServePipeline, request: GenerationRequest, on_step: StepHo
     if not decode:
         return None
     decode_start = clock()
-    # a tiled decode (memory.vae_tiling) calls the decoder once per tile and latent frame: its
-    # calls give tiles, so the frames are taken from the whole video at the end
-    tiled = bool(getattr(view.vae, "use_tiling", False))
-    after_each_frame, chunks = (frame_collector(view, sink, as_uint8) if frames and not tiled
+    after_each_frame, chunks = (frame_collector(view, sink, as_uint8) if frames
                                 else (None, []))
-    video = decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request),
-                           after_each_frame)
+    decode_latents(view, latents, lambda: _stop_if(decode_cancelled, request), after_each_frame)
     if not frames:
         return None
-    result = (np.concatenate(chunks) if not tiled
-              else whole_video_frames(view, video, sink, as_uint8))
+    result = np.concatenate(chunks)
     timings["vae_decode"] = clock() - decode_start
     timings["generate_total"] = clock() - start
     peak_mb, peak_kind = read_peak(pipe._execution_device)
@@ -143,27 +139,26 @@ def _stop_if(cancelled: Callable[[], bool], request: GenerationRequest) -> None:
 @torch.no_grad()
 def decode_latents(pipe: WanServePipeline, latents: torch.Tensor,
                    before_each_frame: Callable[[], None] = lambda: None,
-                   after_each_frame: Callable[[torch.Tensor], None] | None = None
-                   ) -> torch.Tensor | None:
+                   after_each_frame: Callable[[torch.Tensor], None] | None = None) -> None:
     """Decodes one latent frame per decoder call, as diffusers 0.42's `AutoencoderKLWan._decode`
     does (its causal cache carries the rest), but hands each call's output (B, C, f, H, W) to
     `after_each_frame` and keeps none: `_decode` concatenates them into the whole video on every
     rank that decodes, a sharded VAE's other ranks too. `before_each_frame` runs before each
-    call, a point where a long decode can stop. Returns None; tiled (`vae.use_tiling`,
-    memory.vae_tiling), `vae.decode`'s whole video instead, and `after_each_frame` is not called
-    (its decoder calls give tiles)."""
+    call, a point where a long decode can stop. Tiled (`vae.use_tiling`, memory.vae_tiling, at
+    a size over one tile), each latent frame's tiles are decoded, blended and handed on the
+    same way (wanserve/engine/serving/tiled_decode.py)."""
     vae = pipe.vae
     latents = latents.to(vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
     latents = latents * std + mean
-    if getattr(vae, "use_tiling", False):
-        hook = vae.decoder.register_forward_pre_hook(lambda *_: before_each_frame())
-        try:
-            return vae.decode(latents, return_dict=False)[0]
-        finally:
-            hook.remove()
+    if getattr(vae, "use_tiling", False) and (
+            latents.shape[3] > vae.tile_sample_min_height // vae.spatial_compression_ratio
+            or latents.shape[4] > vae.tile_sample_min_width // vae.spatial_compression_ratio):
+        decode_tiled_frames(vae, latents, before_each_frame,
+                            after_each_frame if after_each_frame is not None else lambda _: None)
+        return
     vae.clear_cache()
     try:
         x = vae.post_quant_conv(latents)
@@ -176,4 +171,3 @@ def decode_latents(pipe: WanServePipeline, latents: torch.Tensor,
                 after_each_frame(decoded)
     finally:
         vae.clear_cache()
-    return None

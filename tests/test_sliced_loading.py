@@ -34,6 +34,7 @@ def main(folder: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from wanserve.engine.parallel.distributed import exit_without_teardown
     from wanserve.engine.parallel.sliced_loading import build_on_meta, fill_shards
     from wanserve.engine.parallel.sp_padding import WanServeTransformer
 
@@ -53,9 +54,13 @@ def main(folder: Path) -> None:
         differing[str(dtype).removeprefix("torch.")] = sorted(
             key for key, value in theirs.items()
             if ours[key].dtype != value.dtype or not torch.equal(ours[key], value))
+    dist.barrier()
     if dist.get_rank() == 0:
-        print(json.dumps(differing))
+        print(json.dumps(differing), flush=True)
     dist.destroy_process_group()
+    # past this point the interpreter's teardown once aborted a rank ("terminate called without
+    # an active exception", a C++ thread still joinable): nothing is left to release
+    exit_without_teardown(0)
 
 
 if __name__ == "__main__":

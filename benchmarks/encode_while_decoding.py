@@ -33,7 +33,7 @@ from wanserve.api.mp4_stream import StreamedMp4  # noqa: E402
 from wanserve.api.video import encode_mp4  # noqa: E402
 from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels  # noqa: E402
 from wanserve.engine.model.model_layouts import WAN21_VAE  # noqa: E402
-from wanserve.engine.model.random_weights import materialise  # noqa: E402
+from wanserve.engine.model.materialise import materialise  # noqa: E402
 from wanserve.engine.serving.frames import frame_collector  # noqa: E402
 from wanserve.engine.serving.generate import decode_latents  # noqa: E402
 

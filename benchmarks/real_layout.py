@@ -58,7 +58,7 @@ CONFIGS = {"transformer": "transformer/config.json", "vae": "vae/config.json",
 
 
 def checkpoint_dir(layout: ModelLayout) -> Path:
-    from wanserve.engine.model.random_weights import WEIGHTS_VERSION
+    from wanserve.engine.model.materialise import WEIGHTS_VERSION
     from wanserve.engine.model.tiny_model import default_cache_dir
 
     data = json.dumps([dataclasses.asdict(layout), WEIGHTS_VERSION], sort_keys=True, default=str)

@@ -212,7 +212,7 @@ def time_vae_on_cpu(config: dict, sizes: list[tuple[int, int, int]]) -> list[dic
 
     from encode_while_decoding import smooth_scene
     from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels
-    from wanserve.engine.model.random_weights import materialise
+    from wanserve.engine.model.materialise import materialise
 
     vae = materialise(lambda: AutoencoderKLWan(**config), torch.float32, torch.device("cpu"),
                       seed=0)

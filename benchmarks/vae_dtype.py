@@ -27,7 +27,7 @@ from encode_while_decoding import smooth_scene  # noqa: E402
 
 from wanserve.engine.cpu.vae_kernels import use_fast_cpu_kernels  # noqa: E402
 from wanserve.engine.model.model_layouts import WAN21_VAE  # noqa: E402
-from wanserve.engine.model.random_weights import materialise  # noqa: E402
+from wanserve.engine.model.materialise import materialise  # noqa: E402
 from wanserve.engine.serving.frames import frame_collector  # noqa: E402
 from wanserve.engine.serving.generate import decode_latents  # noqa: E402
 

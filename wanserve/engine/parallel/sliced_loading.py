@@ -36,7 +36,7 @@ FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 def build_on_meta(transformer_class, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """`folder`'s expert with its parameters on `meta` in from_pretrained's dtypes; the
     computed buffers (RoPE tables) built for real on the host."""
-    from wanserve.engine.model.random_weights import materialise
+    from wanserve.engine.model.materialise import materialise
 
     config = transformer_class.load_config(folder)
     return materialise(lambda: transformer_class.from_config(config), dtype,

@@ -39,6 +39,8 @@ def placements(ranks: int, dtype: torch.dtype, vae_dtype: torch.dtype):
         yield "sharded", Placement(**common, shard_ranks=ranks)
         yield "sharded, text enc. cpu", Placement(**common, shard_ranks=ranks,
                                                   text_encoder_on_device=False)
+        yield "sharded, text enc. too", Placement(**common, shard_ranks=ranks,
+                                                  text_encoder_shard_ranks=ranks)
 
 
 def main() -> int:

@@ -53,6 +53,34 @@ def test_planned_activations_track_the_measured_high_water_mark(measured):
     assert big["measured_mib"] > 1.5 * small["measured_mib"], measured["sizes"]
 
 
+def test_a_sharded_text_encoder_is_planned_at_its_share_and_gathered_while_encoding():
+    """`memory.text_encoder: shard` over N ranks: 1/N of UMT5 (rounded up) held on each, and
+    while a prompt is encoded its root and one layer gathered whole (the `text_encode` phase,
+    the peak's largest here).
+    Checked with: the share not divided (`resident_weights`): 1001 bytes planned at 2 ranks;
+    the gathered part left out (`_gathered_text_encoder` returning 0): the peak was the
+    denoise's."""
+    from wanserve.engine.model.memory_plan import (ActivationFits, Linear, MemoryPlan,
+                                                   ModelShapes, Placement, VaeFit,
+                                                   resident_weights)
+
+    components = {"expert": 10, "expert_block": 2, "expert_root": 2, "vae": 3,
+                  "text_encoder": 1001, "text_encoder_layer": 100, "text_encoder_root": 501}
+    held = [resident_weights(components, 2, Placement(text_encoder_shard_ranks=ranks))
+            for ranks in (1, 2, 4)]
+    assert [h["text_encoder"] for h in held] == [1001, 501, 251]
+    assert resident_weights(components, 2, Placement(text_encoder_on_device=False))[
+        "text_encoder"] == 0
+    shapes = ModelShapes({"patch_size": (1, 2, 2)}, 2, {}, {})
+    fits = ActivationFits(Linear(50, 0), VaeFit(0, 0), VaeFit(0, 0))
+    whole = MemoryPlan(shapes, Placement(), components, fits).request(64, 64, 5)
+    sharded = MemoryPlan(shapes, Placement(text_encoder_shard_ranks=2), components,
+                         fits).request(64, 64, 5)
+    assert whole["text_encode"] == 0 and whole["peak"] == whole["weights"] + 50
+    assert sharded["text_encode"] == 601
+    assert sharded["peak"] == sharded["weights"] + 601
+
+
 def test_start_up_refuses_a_bad_budget_and_tiles_on_a_sharded_vae():
     """Checked with: the `vae_tiling and layout.replica_size > 1` check removed
     (wanserve/engine/config.py): the U2 preset with tiling and the sharded VAE loaded."""

@@ -8,7 +8,7 @@ from wanserve.engine.config import ServerConfig
 from wanserve.engine.model.memory_plan import GIB, MemoryPlan
 from wanserve.engine.serving.request import GenerationRequest
 
-PHASES = ("denoise", "vae_encode", "vae_decode")
+PHASES = ("denoise", "vae_encode", "vae_decode", "text_encode")
 
 
 def _gib(value: float) -> str:

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # wanserve/engine/config.py →
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 EMBEDDED_MODELS = ("tiny", "tiny-ti2v")  # wanserve/engine/model/tiny_model.py; each has configs/<name>.yaml
 CREATE_RESPONSES = ("sync", "async")
-TEXT_ENCODER_PLACES = ("device", "cpu")
+TEXT_ENCODER_PLACES = ("device", "cpu", "shard")
 # libx264's presets, fastest first; `quality: high` encodes with server.mp4_preset (BENCHMARKS.md,
 # "MP4 encoder presets", says why the default)
 MP4_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
@@ -112,7 +112,8 @@ class ServerConfig:
     layout: ParallelLayout
     parallel_vae: str = "auto"  # "auto" (sharded when every rank gets a latent row), true, false
     offload_inactive_expert: bool = False
-    text_encoder: str = "device"  # or "cpu": UMT5 kept in host memory and run there
+    # or "cpu": UMT5 kept in host memory and run there; "shard": split over the replica's ranks
+    text_encoder: str = "device"
     shard_weights: bool = False  # the experts split over each replica's ranks (FSDP2)
     memory_budget_gib: float | None = None  # per rank: a request planned over it gets a 400
     vae_tiling: bool = False  # diffusers' tiled VAE encode and decode (`enable_tiling`)
@@ -233,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-weights", action="store_true",
                    help="split each expert's weights over the ranks of each replica (FSDP2)")
     p.add_argument("--text-encoder", choices=TEXT_ENCODER_PLACES,
-                   help="where UMT5 is kept and runs: 'device' (default) or 'cpu' (host memory; "
-                   "the prompt embeddings are moved to the device)")
+                   help="where UMT5 is kept and runs: 'device' (default), 'cpu' (host memory; "
+                   "the prompt embeddings are moved to the device) or 'shard' (on the device, "
+                   "split over the ranks of each replica with FSDP2)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--max-attempts", type=int,

@@ -52,6 +52,9 @@ class Placement:
     shard_ranks: int = 1  # ranks each expert is sharded over (FSDP2); 1: not sharded
     offload_inactive_expert: bool = False
     text_encoder_on_device: bool = True
+    # ranks UMT5 is sharded over (memory.text_encoder: shard); 1: whole on each rank. Its
+    # root and one layer, gathered while a prompt is encoded, are the `text_encode` phase
+    text_encoder_shard_ranks: int = 1
     sequence_parallel: int = 1  # ulysses × ring: the ranks one forward's tokens are split over
     vae_ranks: int = 1  # ranks the VAE encode and decode are split over by rows
     # diffusers' tiled encode and decode: planned as untiled (an over-estimate: tiles bound the
@@ -66,6 +69,8 @@ class Placement:
             parts.append("offload")
         if not self.text_encoder_on_device:
             parts.append("text encoder on cpu")
+        elif self.text_encoder_shard_ranks > 1:
+            parts.append(f"text encoder sharded/{self.text_encoder_shard_ranks}")
         if self.vae_tiling:
             parts.append("VAE tiled (planned as untiled)")
         return ", ".join(parts)
@@ -165,16 +170,20 @@ def _bytes(module: torch.nn.Module) -> int:
 
 def component_bytes(shapes: ModelShapes, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict:
     """Each component's parameter bytes, unsharded, from modules built on the meta device; for
-    the experts also one block's and the root's (what is not in a block)."""
+    the experts and the text encoder also one block's (layer's) and the root's (what is not in
+    a block)."""
     with torch.device("meta"):
         expert = _transformer(shapes.transformer, dtype)
         vae = build_vae(shapes.vae, vae_dtype)
         text_encoder = _text_encoder(shapes.text_encoder, dtype)
     block = _bytes(expert.blocks[0])
     total = _bytes(expert)
+    layers = text_encoder.encoder.block
+    text_total, text_layer = _bytes(text_encoder), _bytes(layers[0])
     return {"expert": total, "expert_block": block, "expert_root": total - block * len(expert.blocks),
             "experts": shapes.experts * total, "vae": _bytes(vae),
-            "text_encoder": _bytes(text_encoder)}
+            "text_encoder": text_total, "text_encoder_layer": text_layer,
+            "text_encoder_root": text_total - text_layer * len(layers)}
 
 
 def resident_weights(components: dict, experts: int, placement: Placement) -> dict:
@@ -188,7 +197,8 @@ def resident_weights(components: dict, experts: int, placement: Placement) -> di
     else:
         on_rank = experts * expert
     return {"experts": on_rank, "vae": components["vae"],
-            "text_encoder": components["text_encoder"] if placement.text_encoder_on_device else 0}
+            "text_encoder": (math.ceil(components["text_encoder"] / placement.text_encoder_shard_ranks)
+                             if placement.text_encoder_on_device else 0)}
 
 
 @dataclass(frozen=True)
@@ -319,10 +329,19 @@ class MemoryPlan:
         phases = {"denoise": self.fits.denoise.at(local_tokens),
                   "vae_encode": self.fits.encode.at(rows * w, frames),
                   "vae_decode": self.fits.decode.at(rows * w, frames)
-                  + (video if p.vae_ranks > 1 else 0)}
+                  + (video if p.vae_ranks > 1 else 0),
+                  "text_encode": self._gathered_text_encoder()}
         weights = sum(self.weights.values())
         return {"tokens": tokens, "tokens_per_rank": local_tokens, "weights": weights,
                 **phases, "peak": weights + max(phases.values())}
+
+    def _gathered_text_encoder(self) -> int:
+        """A sharded text encoder's root (the token embedding) and one layer, gathered whole
+        while a prompt is encoded (its activations, 512 tokens, are small beside them)."""
+        p = self.placement
+        if not p.text_encoder_on_device or p.text_encoder_shard_ranks == 1:
+            return 0
+        return self.components["text_encoder_root"] + self.components["text_encoder_layer"]
 
     def max_frames(self, width: int, height: int, budget: int, limit: int) -> int:
         """The most frames (4k+1, at most `limit`) whose peak fits `budget`; 0 if none."""
@@ -341,4 +360,5 @@ class MemoryPlan:
                 "weights_gib": {k: round(v / GIB, 3) for k, v in self.weights.items()},
                 "denoise_bytes_per_token": round(f.denoise.per_unit),
                 "decode_bytes_per_latent_pixel": round(f.decode.per_pixel),
-                "decode_bytes_per_latent_pixel_frame": round(f.decode.per_pixel_frame)}
+                "decode_bytes_per_latent_pixel_frame": round(f.decode.per_pixel_frame),
+                "text_encode_gathered_gib": round(self._gathered_text_encoder() / GIB, 3)}

@@ -123,14 +123,14 @@ SOLVERS = ("unipc", "euler")
 
 
 def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
-                  keep_on_host: tuple[str, ...] = (), experts_on_meta: bool = False
+                  keep_on_host: tuple[str, ...] = (), on_meta: tuple[str, ...] = ()
                   ) -> tuple[WanServePipeline, dict]:
     """Load a diffusers-format Wan2.2 checkpoint (the tiny models are too); returns it and
     what was loaded (for /health). The weights go straight from the files to `device` (no
     whole-model copy in host memory per rank), except the components named in `keep_on_host`.
-    With `experts_on_meta` the experts are built without weights, for sharded loading
-    (wanserve/engine/parallel/sliced_loading.py)."""
-    from wanserve.engine.parallel.sliced_loading import build_on_meta
+    The components named in `on_meta` (the experts, the text encoder) are built without
+    weights, for sharded loading (wanserve/engine/parallel/sliced_loading.py)."""
+    from wanserve.engine.parallel.sliced_loading import build_on_meta, build_text_encoder_on_meta
 
     start = time.perf_counter()
 
@@ -138,7 +138,7 @@ def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
         return {} if name in keep_on_host else {"device_map": device}
 
     def expert(name: str) -> torch.nn.Module:
-        if experts_on_meta:
+        if name in on_meta:
             return build_on_meta(WanServeTransformer, Path(model_path) / name, dtype)
         return WanServeTransformer.from_pretrained(model_path, subfolder=name, dtype=dtype,
                                                    **where(name))
@@ -151,9 +151,12 @@ def load_pipeline(model_path: Path, dtype: torch.dtype, device: torch.device,
     # use_kernels=False: transformers 5.25 swaps in Hugging Face hub kernels by default, fetched
     # at load time (no network on most serving boxes; `meta` and other devices refused); the
     # encoder runs as written, as on every other transformers release we support
-    text_encoder = UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
-                                                    dtype=dtype, use_kernels=False,
-                                                    **where("text_encoder"))
+    if "text_encoder" in on_meta:
+        text_encoder = build_text_encoder_on_meta(Path(model_path) / "text_encoder", dtype)
+    else:
+        text_encoder = UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
+                                                        dtype=dtype, use_kernels=False,
+                                                        **where("text_encoder"))
     pipe = WanServePipeline.from_pretrained(model_path, dtype=dtype, vae=vae,
                                             text_encoder=text_encoder, **experts)
     pipe.set_progress_bar_config(disable=True)

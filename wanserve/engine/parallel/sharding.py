@@ -1,10 +1,13 @@
-"""--shard-weights: each expert's parameters split across the ranks of its replica (FSDP2).
+"""--shard-weights: each expert's parameters split across the ranks of its replica (FSDP2), and
+`memory.text_encoder: shard`: UMT5's the same way.
 
-Written for torch 2.13's `fully_shard`. Each transformer block is one unit, then the root (the
-embedders, the output head): a block's parameters are gathered on every rank of the replica just
-before it runs and freed after (`reshard_after_forward`), so a rank holds 1/N of each expert
-plus one block at a time. Every rank of a replica runs the same blocks in the same order (same
-steps, same expert boundary, same CFG structure), which the all-gathers need.
+Written for torch 2.13's `fully_shard`. Each transformer block (each UMT5 layer) is one unit,
+then the root (the embedders, the output head; UMT5's token embedding): a block's parameters
+are gathered on every rank of the replica just before it runs and freed after
+(`reshard_after_forward`), so a rank holds 1/N of each module plus one block at a time. Every
+rank of a replica runs the same blocks in the same order (same steps, same expert boundary,
+same CFG structure, the same prompts encoded or found in its prompt cache), which the
+all-gathers need.
 
 The weights keep the dtypes they were loaded in (no mixed-precision policy: diffusers' fp32-kept
 modules stay fp32), so the sharded model computes what the unsharded one does, bit for bit.
@@ -43,38 +46,61 @@ def experts_of(pipe) -> list[torch.nn.Module]:
     return [e for e in (getattr(pipe, name, None) for name in EXPERTS) if e is not None]
 
 
-def shard_experts(pipe, ctx, checkpoint: Path | None = None) -> dict:
-    """Every rank of every replica calls this at the same point (the mesh is a collective).
-    With `checkpoint` the experts are on `meta` and each rank reads its shards from
-    `checkpoint`/<expert> (wanserve/engine/parallel/sliced_loading.py). Returns what it did,
-    for /health (each rank's parameter bytes are added by the caller)."""
-    experts = experts_of(pipe)
-    unsharded = sum(param_bytes(e) for e in experts)
-    if ctx.replica_size == 1:
-        return {"experts": "not sharded (one rank per replica)", "unsharded_bytes": unsharded}
+def replica_mesh(ctx):
+    """The mesh of this rank's replica (a collective: every rank calls it at the same point)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    with groups_created_with(timedelta(seconds=ctx.collective_timeout_s)):
+        return init_device_mesh(ctx.device.type, (ctx.layout.dp, ctx.layout.replica_size),
+                                mesh_dim_names=("replica", "shard"))["shard"]
+
+
+def shard_module(module: torch.nn.Module, blocks, mesh) -> None:
+    """`fully_shard` on each of `blocks`, then on `module` (what no block holds)."""
     from torch.distributed.fsdp import fully_shard
 
-    layout = ctx.layout
-    with groups_created_with(timedelta(seconds=ctx.collective_timeout_s)):
-        mesh = init_device_mesh(ctx.device.type, (layout.dp, layout.replica_size),
-                                mesh_dim_names=("replica", "shard"))["shard"]
+    module.eval().requires_grad_(False)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+
+
+def shard_experts(pipe, ctx, mesh, checkpoint: Path | None = None) -> dict:
+    """With `checkpoint` the experts are on `meta` and each rank reads its shards from
+    `checkpoint`/<expert> (wanserve/engine/parallel/sliced_loading.py). Returns what it did,
+    for /health (each rank's parameter bytes are added by the caller)."""
+    experts = [(name, getattr(pipe, name)) for name in EXPERTS
+               if getattr(pipe, name, None) is not None]
+    return _shard("experts", [(name, e, e.blocks) for name, e in experts], "block",
+                  "whole experts on every rank, then sharded", ctx, mesh, checkpoint)
+
+
+def shard_text_encoder(pipe, ctx, mesh, checkpoint: Path | None = None) -> dict:
+    """UMT5 sharded over the replica's ranks, one unit per encoder layer, then the root (the
+    token embedding, tied to `shared`, and the final norm). With `checkpoint` it is on `meta`
+    and each rank reads its rows of `checkpoint`/text_encoder. Returns what it did, for
+    /health (each rank's parameter bytes are added by the caller)."""
+    encoder = pipe.text_encoder
+    return _shard("text_encoder", [("text_encoder", encoder, encoder.encoder.block)], "layer",
+                  "whole on every rank, then sharded", ctx, mesh, checkpoint)
+
+
+def _shard(what: str, modules: list, unit: str, loaded_whole: str, ctx, mesh,
+           checkpoint: Path | None) -> dict:
+    """Each of `modules` ((checkpoint folder, module, its blocks)) sharded; the report."""
+    unsharded = sum(param_bytes(module) for _, module, _ in modules)
+    if ctx.replica_size == 1:
+        return {what: "not sharded (one rank per replica)", "unsharded_bytes": unsharded}
     bytes_read = 0
-    for name in EXPERTS:
-        expert = getattr(pipe, name, None)
-        if expert is None:
-            continue
-        expert.eval().requires_grad_(False)
-        for block in expert.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(expert, mesh=mesh, reshard_after_forward=True)
+    for folder, module, blocks in modules:
+        shard_module(module, blocks, mesh)
         if checkpoint is not None:
-            bytes_read += fill_shards(expert, checkpoint / name, ctx.device)
-    report = {"experts": f"sharded over the {ctx.replica_size} ranks of each replica (FSDP2, "
-                         "one unit per block, then the root)",
+            bytes_read += fill_shards(module, checkpoint / folder, ctx.device)
+    report = {what: f"sharded over the {ctx.replica_size} ranks of each replica (FSDP2, one "
+                    f"unit per {unit}, then the root)",
               "unsharded_bytes": unsharded,
               "loading": ("each rank read only its own rows" if checkpoint is not None
-                          else "whole experts on every rank, then sharded")}
+                          else loaded_whole)}
     if checkpoint is not None:
         report["checkpoint_bytes_read"] = bytes_read  # this rank's (the caller gathers them)
     return report

@@ -1,19 +1,22 @@
-"""--shard-weights loading: each rank reads only the rows of each expert weight it keeps.
+"""Sharded loading (--shard-weights, `memory.text_encoder: shard`): each rank reads only the
+rows of each weight it keeps, of the experts and of the text encoder.
 
 Written for torch 2.13's FSDP2 `fully_shard`, which splits each parameter along dim 0 as
 `torch.chunk` does: rank r of a replica of N ranks holds rows [r * ceil(n / N), ...).
 
-Every rank builds the experts with their parameters on `meta` (no memory), shards them
+Every rank builds the module with its parameters on `meta` (no memory), shards it
 (wanserve/engine/parallel/sharding.py), allocates its shards empty and fills them from the
 checkpoint's safetensors files. The rows are read with plain file reads at their offsets (the
 format: an 8-byte header length, a JSON header of dtype, shape and byte offsets, then the row-
 major data): not through a memory map, whose touched pages would count in the rank's resident
 set as long as the file stays open. So a rank holds its shards plus one tensor's rows at a
-time, never a whole expert, and no collective is needed (each rank reads its own rows; a node
+time, never a whole module, and no collective is needed (each rank reads its own rows; a node
 reads the checkpoint once in all).
 
-The dtypes are the ones from_pretrained gives (`dtype`, the class's `_keep_in_fp32_modules`
-in float32), cast from the file's the same way, so the sharded model equals the unsharded one.
+The dtypes are the ones from_pretrained gives, cast from the file's the same way, so the
+sharded model equals the unsharded one: diffusers keeps a class's `_keep_in_fp32_modules` in
+float32 whatever the dtype, transformers (5.25) only under float16. Tied parameters (UMT5's
+token embedding is its `shared`) are one tensor that the checkpoint holds under one key.
 `to_empty` also empties the buffers the constructors compute and the checkpoints do not hold
 (the RoPE tables: `persistent=False`): they are put back as built, else the output is not
 finite.
@@ -27,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+# (index, single file): diffusers' names, then transformers'
+CHECKPOINT_FILES = (("diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.safetensors"),
+                    ("model.safetensors.index.json", "model.safetensors"))
 FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 
@@ -43,13 +48,27 @@ def build_on_meta(transformer_class, folder: Path, dtype: torch.dtype) -> torch.
                        torch.device("meta"), seed=0, keep_buffers=True)
 
 
+def build_text_encoder_on_meta(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """`folder`'s UMT5 encoder with its parameters on `meta` in from_pretrained's dtypes."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wanserve.engine.model.materialise import materialise
+
+    config = UMT5Config.from_pretrained(folder)
+    return materialise(lambda: UMT5EncoderModel(config), dtype, torch.device("meta"), seed=0,
+                       keep_in_fp32=dtype == torch.float16, keep_buffers=True)
+
+
 def files_by_key(folder: Path) -> dict[str, Path]:
     """Which safetensors file of `folder` holds each tensor."""
-    index = folder / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: folder / name for key, name in weight_map.items()}
-    return dict.fromkeys(read_header(folder / SINGLE_FILE)[0], folder / SINGLE_FILE)
+    for index_name, single_name in CHECKPOINT_FILES:
+        if (index := folder / index_name).exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {key: folder / name for key, name in weight_map.items()}
+        if (single := folder / single_name).exists():
+            return dict.fromkeys(read_header(single)[0], single)
+    raise FileNotFoundError(f"{folder}: no safetensors weights "
+                            f"({', '.join(name for pair in CHECKPOINT_FILES for name in pair)})")
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -84,25 +103,34 @@ def rows_of(param) -> tuple[int, int]:
     return first, param.to_local().shape[0]
 
 
-def fill_shards(expert: torch.nn.Module, folder: Path, device: torch.device) -> int:
-    """Allocate `expert`'s shards on `device` and read them from `folder`'s files; returns the
+def fill_shards(module: torch.nn.Module, folder: Path, device: torch.device) -> int:
+    """Allocate `module`'s shards on `device` and read them from `folder`'s files; returns the
     bytes this rank read from the checkpoint (its rows only)."""
     from torch.distributed.tensor import DTensor
 
-    computed = {(path, name): buffer for path, module in expert.named_modules()
-                for name, buffer in module.named_buffers(recurse=False)
-                if name in module._non_persistent_buffers_set}
-    expert.to_empty(device=device)
-    modules = dict(expert.named_modules())
+    computed = {(path, name): buffer for path, sub in module.named_modules()
+                for name, buffer in sub.named_buffers(recurse=False)
+                if name in sub._non_persistent_buffers_set}
+    module.to_empty(device=device)
+    modules = dict(module.named_modules())
     for (path, name), buffer in computed.items():
         modules[path]._buffers[name] = buffer.to(device)
     where = files_by_key(folder)
-    wanted = expert.state_dict()
-    missing = sorted(set(wanted) - set(where))
-    unexpected = sorted(set(where) - set(wanted))
-    if missing or unexpected:
-        raise RuntimeError(f"{folder}: checkpoint keys differ from the model's "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    # a tied parameter is one tensor under several names, of which the checkpoint holds one
+    # or more (the same values): it is read once
+    names: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), (tensor, []))[1].append(key)
+    wanted, known = {}, set()
+    for tensor, keys in names.values():
+        stored = [key for key in keys if key in where]
+        if not stored:
+            raise RuntimeError(f"{folder}: the checkpoint holds none of {keys}")
+        wanted[stored[0]] = tensor
+        known.update(keys)
+    unexpected = sorted(set(where) - known)
+    if unexpected:
+        raise RuntimeError(f"{folder}: checkpoint keys the model does not have: {unexpected[:5]}")
     read = 0
     by_file: dict[Path, list[str]] = {}
     for key in wanted:

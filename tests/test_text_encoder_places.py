@@ -1,5 +1,8 @@
-"""`memory.text_encoder: cpu` (`--text-encoder cpu`): UMT5 stays in host memory and encodes
-there, the embeddings moved to the device; alone and with `--offload-inactive-expert`.
+"""Where UMT5 lives (`memory.text_encoder`, `--text-encoder`): `cpu` keeps it in host memory
+and encodes there, the embeddings moved to the device, alone and with
+`--offload-inactive-expert`; `shard` splits it over the ranks of each replica (FSDP2), each
+rank reading only its rows of the checkpoint (tests/test_sharded_weights.py under CFG parallel,
+tests/test_sharded_loading.py in bfloat16).
 
 The device here is `meta` (as in tests/test_loading.py): whatever is placed on the device ends
 up there, what is kept on the host stays real CPU tensors.
@@ -16,6 +19,7 @@ from wanserve.engine.config import load_config
 from wanserve.engine.model.offload import place_on_device
 from wanserve.engine.model.tiny_model import ensure_tiny_model
 from wanserve.engine.parallel.distributed import DistContext
+from wanserve.engine.parallel.sliced_loading import build_text_encoder_on_meta
 
 
 def devices(module) -> set[str]:
@@ -46,8 +50,9 @@ def test_the_text_encoder_stays_on_the_host(offload):
 def test_text_encoder_setting_is_read_and_checked():
     assert load_config([]).text_encoder == "device"
     assert load_config(["--set", "memory.text_encoder=cpu"]).text_encoder == "cpu"
-    with pytest.raises(SystemExit, match="memory.text_encoder must be one of device, cpu"):
-        load_config(["--set", "memory.text_encoder=shard"])
+    assert load_config(["--text-encoder", "shard"]).text_encoder == "shard"
+    with pytest.raises(SystemExit, match="memory.text_encoder must be one of device, cpu, shard"):
+        load_config(["--set", "memory.text_encoder=gpu"])
 
 
 def test_encoding_on_the_cpu_equals_encoding_on_the_device(tmp_path):
@@ -67,3 +72,17 @@ def test_encoding_on_the_cpu_equals_encoding_on_the_device(tmp_path):
         for key, value in frames.items():
             assert np.array_equal(value, runs["device"][0][key]), (name, key)
     assert not np.array_equal(runs["device"][0]["frames_0"], runs["device"][0]["frames_1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_encoder_built_for_sliced_loading_has_from_pretrained_dtypes(dtype):
+    """transformers 5.25 keeps UMT5's `wo` in float32 under float16 only.
+    Checked with: `keep_in_fp32` always on (`build_text_encoder_on_meta`): bf16 failed."""
+    from transformers import UMT5EncoderModel
+
+    folder = ensure_tiny_model() / "text_encoder"
+    loaded = UMT5EncoderModel.from_pretrained(folder, dtype=dtype, use_kernels=False)
+    built = build_text_encoder_on_meta(folder, dtype)
+    assert ({k: p.dtype for k, p in built.named_parameters()}
+            == {k: p.dtype for k, p in loaded.named_parameters()})
+    assert built.shared.weight is built.encoder.embed_tokens.weight  # tied, as loaded

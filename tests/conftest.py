@@ -24,6 +24,14 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240
 
+# Under pytest-xdist every worker runs a test file at once, each with its servers and torchrun
+# jobs: a process taking every core for torch's threads then spins against the other worker's.
+# Each worker's share of the cores instead, inherited by everything it starts (a one-rank
+# server's video took 1.6x as long beside two busy processes with all threads as with one).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def _ephemeral_range() -> tuple[int, int]:
     try:

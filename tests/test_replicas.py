@@ -20,9 +20,13 @@ from conftest import (assert_client_error, cancelled_steps, logged_steps, metric
                       start_server)
 from test_http_e2e import decode_frames
 
-# long enough that the second POST is parsed before the first job ends, on a loaded machine
+# long enough that the second POST is parsed before the first job ends, on a loaded machine:
+# the replicas' steps are paced too (PACED), so a replica that starts late still overlaps
 REQUEST = {"prompt": "two lanterns on a lake", "seed": "23", "num_frames": "17",
            "num_inference_steps": "30", "quality": "lossless", "size": "64x64"}
+
+
+PACED = {"WANSERVE_TEST_STEP_DELAY": "0.1"}  # 30 steps: 3 s a job at least (frames unchanged)
 
 
 def submit(server, **fields) -> str:
@@ -88,7 +92,7 @@ def test_dp2_two_jobs_at_once_each_the_one_rank_video_cancel_and_stop(tmp_path, 
     """Replica 1's leader sends its frames in chunks of 5000 bytes (42 for 17 frames of 12288
     bytes, ending inside frames): its lossless video is still the one-rank video."""
     srv = start_server(tmp_path, "--dp", "2", nproc=2,
-                       env={"WANSERVE_TEST_FRAME_CHUNK_BYTES": "5000"})
+                       env={**PACED, "WANSERVE_TEST_FRAME_CHUNK_BYTES": "5000"})
     try:
         health = requests.get(srv.url + "/health", timeout=10).json()
         assert health["parallel"]["layout"] == "2xU1R1C1"
@@ -121,7 +125,7 @@ def test_dp2_two_jobs_at_once_each_the_one_rank_video_cancel_and_stop(tmp_path, 
 
 
 def test_dp2_u2_on_four_ranks(tmp_path, one_rank_video):
-    srv = start_server(tmp_path, "--dp", "2", "--ulysses", "2", nproc=4)
+    srv = start_server(tmp_path, "--dp", "2", "--ulysses", "2", nproc=4, env=PACED)
     try:
         health = requests.get(srv.url + "/health", timeout=10).json()
         assert [r["ranks"] for r in health["replicas"]] == [[0, 1], [2, 3]]

@@ -27,6 +27,7 @@ def bench_spec() -> dict:
     spec["name"] = "bench-wide"
     spec["transformer"].update(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048,
                                num_layers=4, text_dim=32)
+    spec["vae"]["base_dim"] = 16  # the VAE of every figure taken with it (the tiny one has 8)
     return spec
 
 

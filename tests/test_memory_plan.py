@@ -96,7 +96,7 @@ def test_start_up_refuses_a_bad_budget_and_tiles_on_a_sharded_vae():
     assert tiled.vae_tiling and tiled.memory_budget_gib == 70.0
 
 
-BUDGET_GIB = 0.78  # at 512x512 the tiny plan's decode fits some frames, not 49
+BUDGET_GIB = 0.45  # at 512x512 the tiny plan fits 33 frames, not 49 (0.49 GiB)
 
 
 def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
@@ -128,7 +128,7 @@ def test_over_budget_request_gets_a_400_and_the_next_request_runs(tmp_path):
         over = create("512x512", 49)
         error = assert_client_error(over.status_code, over.content, "over budget")
         assert (error["param"], error["code"]) == ("num_frames", "over_memory_budget"), error
-        assert "memory.budget_gib" in error["message"] and "0.78 GiB" in error["message"], error
+        assert "memory.budget_gib" in error["message"] and "0.45 GiB" in error["message"], error
         fits = int(error["message"].split("at most ")[1].split(" frames")[0])
         assert 1 <= fits < 49, error
         again = create("512x512", fits + 4)

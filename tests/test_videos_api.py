@@ -40,11 +40,12 @@ def image_of(resp: requests.Response, fmt: str) -> np.ndarray:
 
 
 def assert_is_frame(image: np.ndarray, frames: np.ndarray, index: int, what: str) -> None:
-    """`image` is frame `index` up to lossy compression: at most half as far from it as from
-    any other frame (the tiny model's frames are noise-like, which a lossy codec keeps least)."""
+    """`image` is frame `index` up to lossy compression: nearer to it than to any other frame
+    by a margin (the tiny model's frames are noise-like, which a lossy codec keeps least: a
+    JPEG tile is ~16 levels from its frame, ~29 from the nearest other)."""
     diffs = [float(np.abs(image - frame.astype(int)).mean()) for frame in frames]
     others = min(d for i, d in enumerate(diffs) if i != index)
-    assert diffs[index] < others / 2, (what, index, diffs)
+    assert diffs[index] < 0.7 * others, (what, index, diffs)
 
 
 def test_thumbnail_is_the_middle_frame_as_webp(server, lossless_job):
@@ -58,7 +59,9 @@ def test_thumbnail_is_the_middle_frame_as_webp(server, lossless_job):
 
 
 def test_spritesheet_tiles_are_the_frames_its_headers_name(server, lossless_job):
-    """checked with: `sprite_indices` spacing by `frames // count` (the last frame left out)."""
+    """checked with: `sprite_indices` spacing by `frames // count` (the last frame left out);
+    each tile pasted from the frame listed before it (`tiles[indices[max(0, slot - 1)]]` in
+    wanserve/api/previews.py `spritesheet`): tile 1 failed."""
     job, frames = lossless_job
     resp = content(server, job["id"], "spritesheet")
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"

@@ -283,3 +283,16 @@ def torchrun_script(script: str, nproc: int, *args: str, timeout: float = 300) -
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The files that run longest go first: under `--dist loadfile` a worker takes the next file as
+# it frees up, so a long file at the end of the order keeps one worker busy alone.
+LONGEST_FIRST = ("test_soak.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every other file keeps its order

@@ -172,3 +172,33 @@ def _full_disk(srv, disk) -> None:
     assert requests.get(srv.url + "/health", timeout=5).status_code == 200
     filler.unlink()
     assert submit(srv, QUICK, prefer_async=False).json()["status"] == "completed"
+
+
+def test_a_job_deleted_while_its_video_is_encoded_leaves_no_mp4(tmp_path, monkeypatch):
+    """The job goes away (a client's DELETE) after the encoder thread has checked it and before
+    the MP4 is stored: no row names the file, so the caps could never evict it. The 2-minute
+    soak found one such MP4 over its byte cap.
+    checked with: the `completed is None` branch removed (wanserve/api/serving.py
+    `_encode_and_complete`): the MP4 stayed in videos/."""
+    import numpy as np
+
+    from wanserve.api import serving
+    from wanserve.api.metrics import Metrics
+    from wanserve.engine.config import load_config
+    from wanserve.engine.serving.request import GenerationResult
+
+    store = JobStore(tmp_path, ttl_s=3600)
+    service = serving.VideoService(load_config(["--data-dir", str(tmp_path)]), store, Metrics(lambda: 0))
+    job = _stored_job(store, "in_progress")
+    encode = serving.encode_mp4
+
+    def deleted_while_encoding(*args, **kwargs):
+        assert store.delete(job.id)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "encode_mp4", deleted_while_encoding)
+    frames = np.zeros((5, 64, 64, 3), dtype=np.uint8)
+    service._encode_and_complete(job.id, GenerationResult(frames))
+    service.close()
+    assert store.get(job.id) is None
+    assert list(store.video_dir.iterdir()) == []

@@ -190,6 +190,10 @@ class JobStore:
             raise
         return name
 
+    def remove_video(self, name: str) -> None:
+        """An MP4 that no job row names (its job went away while it was written)."""
+        (self.video_dir / name).unlink(missing_ok=True)
+
     def delete(self, job_id: str) -> bool:
         with self._lock:
             self._live.pop(job_id, None)

@@ -329,12 +329,16 @@ class VideoService:
             log.exception("job %s: could not store the video", job_id)
             return self.on_failed(job_id, f"could not store the video: {exc}", "storage_failed")
         now = time.time()
-        self.store.update(job_id, status="completed", progress=100, completed_at=int(now),
-                          expires_at=int(now + self.store.ttl_s), timings=timings,
-                          video_file=video_file, peak_memory_kind=result.peak_memory_kind,
-                          peak_memory_mb=(round(result.peak_memory_mb, 1)
-                                          if result.peak_memory_mb is not None else None),
-                          cache=result.cache)
+        completed = self.store.update(
+            job_id, status="completed", progress=100, completed_at=int(now),
+            expires_at=int(now + self.store.ttl_s), timings=timings, video_file=video_file,
+            peak_memory_kind=result.peak_memory_kind,
+            peak_memory_mb=(round(result.peak_memory_mb, 1)
+                            if result.peak_memory_mb is not None else None),
+            cache=result.cache)
+        if completed is None:  # cancelled or deleted while its MP4 was encoded: no row keeps it
+            self.store.remove_video(video_file)
+            return self._resolve(job_id)
         self.metrics.jobs.labels("completed").inc()
         for kind in ("computed", "cached"):
             for expert, n in ((result.cache or {}).get(kind) or {}).items():

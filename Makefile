@@ -72,10 +72,12 @@ lock:
 
 # Two pytest workers, a test file each at a time (module fixtures stay in one worker): most of
 # the suite waits on servers, restarts and timeouts, so two files at once fill the two cores.
+# Files go in the suite's own order (tests/conftest.py: the longest first), not xdist's (the
+# most tests first).
 TEST_WORKERS ?= 2
 test: install
 	$(VPY) -m pip check
-	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 serve: install
 	./launch.sh

@@ -285,9 +285,11 @@ def torchrun_script(script: str, nproc: int, *args: str, timeout: float = 300) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# The files that run longest go first: under `--dist loadfile` a worker takes the next file as
-# it frees up, so a long file at the end of the order keeps one worker busy alone.
-LONGEST_FIRST = ("test_soak.py", "test_compile.py")
+# The files that run longest go first (measured in `make test`, longest first): under
+# `--dist loadfile --no-loadscope-reorder` a worker takes the next file as it frees up, so a
+# long file at the end of the order would keep one worker busy alone.
+LONGEST_FIRST = ("test_compile.py", "test_soak.py", "test_multirank_equivalence.py",
+                 "test_step_cache.py", "test_rank_failure.py", "test_restarts.py")
 
 
 def pytest_collection_modifyitems(items):

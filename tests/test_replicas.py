@@ -124,11 +124,23 @@ def test_dp2_two_jobs_at_once_each_the_one_rank_video_cancel_and_stop(tmp_path, 
     assert code == 0, srv.log()[-3000:]  # every rank, replica 1's leader too, exited 0
 
 
-def test_dp2_u2_on_four_ranks(tmp_path, one_rank_video):
-    srv = start_server(tmp_path, "--dp", "2", "--ulysses", "2", nproc=4, env=PACED)
+def test_dp2_u2_on_four_ranks_with_sharded_weights(tmp_path, one_rank_video):
+    """--shard-weights: each replica is its own shard group (ranks 0-1 and 2-3), each rank
+    holding about half of each expert; both replicas make the same video, the one-rank one.
+    (U2 sharded equals U2 unsharded bit for bit: tests/test_sharded_weights.py.)
+    checked with: the mesh's shard dimension spanning the replicas, `(1, dp * replica_size)`
+    in wanserve/engine/parallel/sharding.py `replica_mesh`: each rank held a quarter (the two
+    jobs, run in step, still made the right video)."""
+    srv = start_server(tmp_path, "--dp", "2", "--ulysses", "2", "--shard-weights", nproc=4,
+                       env=PACED)
     try:
         health = requests.get(srv.url + "/health", timeout=10).json()
         assert [r["ranks"] for r in health["replicas"]] == [[0, 1], [2, 3]]
+        sharding = health["sharding"]
+        assert len(sharding["param_bytes_per_rank"]) == 4
+        # half of each expert: a shard group of the replica's two ranks, not of all four
+        assert all(0.45 <= held / sharding["unsharded_bytes"] <= 0.55
+                   for held in sharding["param_bytes_per_rank"]), sharding
         check_two_jobs_at_once(srv, one_rank_video, exact=False)
     finally:
         code = srv.stop()

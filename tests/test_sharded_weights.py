@@ -15,19 +15,21 @@ REQUESTS = [{"seed": 1}, {"seed": 2, "guidance_scale": 1.0}]  # both branches; o
 # negative prompt. The default negative is encoded at start-up, the first request's prompt at
 # its start, and the second request finds its prompt in the prompt cache (no all-gather on
 # any rank).
-@pytest.mark.parametrize("layout,text_encoder", [
-    (("--ulysses", "2"), ()),
-    (("--cfg", "2"), ("--text-encoder", "shard")),
-], ids=["U2", "C2-text-encoder-too"])
-def test_sharded_equals_unsharded_and_each_rank_holds_about_half(tmp_path, layout, text_encoder):
+@pytest.mark.parametrize("nproc,layout,text_encoder", [
+    (2, ("--ulysses", "2"), ()),
+    (2, ("--cfg", "2"), ("--text-encoder", "shard")),
+    (4, ("--ulysses", "2", "--cfg", "2"), ()),  # a shard group of 4: both CFG branches' ranks
+], ids=["U2", "C2-text-encoder-too", "U2C2"])
+def test_sharded_equals_unsharded_and_each_rank_holds_about_half(tmp_path, nproc, layout,
+                                                                text_encoder):
     """Checked with: `reshard_after_forward=True` on the blocks only, the root not sharded
     (wanserve/engine/parallel/sharding.py `shard_experts`): each rank held 0.67 of the
     unsharded bytes, above the 0.55 bound; and with `MixedPrecisionPolicy(param_dtype=bfloat16)`
     on the blocks (the job failed: bf16 blocks against fp32 inputs). The text encoder loaded
     whole and left unsharded (`shard_text_encoder` returning at once, `loaded_sliced` leaving
     it out, wanserve/engine/assembly.py): each rank held all 90496 of its bytes."""
-    plain, _ = run_offline(tmp_path, 2, REQUESTS, *layout)
-    sharded, report = run_offline(tmp_path, 2, REQUESTS, *layout, "--shard-weights",
+    plain, _ = run_offline(tmp_path, nproc, REQUESTS, *layout)
+    sharded, report = run_offline(tmp_path, nproc, REQUESTS, *layout, "--shard-weights",
                                   *text_encoder)
     for key, frames in plain.items():
         assert np.array_equal(sharded[key], frames), key
@@ -38,8 +40,9 @@ def test_sharded_equals_unsharded_and_each_rank_holds_about_half(tmp_path, layou
     for what, part in checked:
         per_rank = part["param_bytes_per_rank"]
         print(f"{layout} {what}: {per_rank} of {part['unsharded_bytes']} bytes")
-        assert len(per_rank) == 2
-        assert all(held <= 0.55 * part["unsharded_bytes"] for held in per_rank), (what, part)
+        assert len(per_rank) == nproc
+        bound = 0.55 if nproc == 2 else 0.3
+        assert all(held <= bound * part["unsharded_bytes"] for held in per_rank), (what, part)
 
 
 def test_what_sharding_cannot_run_with_is_refused_at_start_up(tmp_path):

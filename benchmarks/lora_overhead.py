@@ -52,12 +52,14 @@ def write_lora(model: Path, rank: int, path: Path) -> None:
     save_file(out, str(path))
 
 
-def run(tmp: Path, name: str, flags: list[str], requests_: list[dict], repeat: int) -> list[dict]:
-    """The runs of `requests_` (--repeat times over) in one wanserve.engine.serving.offline, less the first."""
+def run(tmp: Path, name: str, flags: list[str], requests_: list[dict], repeat: int,
+        nproc: int = 1) -> list[dict]:
+    """The runs of `requests_` (--repeat times over) in one wanserve.engine.serving.offline on
+    `nproc` ranks, less the first."""
     requests = tmp / f"{name}.json"
     requests.write_text(json.dumps(requests_))
     out = tmp / f"{name}.npz"
-    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", "1", "-m",
+    cmd = [str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m",
            "wanserve.engine.serving.offline", "--requests", str(requests), "--out", str(out),
            "--repeat", str(repeat), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -118,13 +118,19 @@ def distilled_vs_full(tmp: Path, flags: list[str], lora: Path, args) -> None:
           "the forwards")
 
 
-def main() -> int:
+def turns_parser() -> argparse.ArgumentParser:
+    """The options of a benchmark whose variants take turns in offline jobs."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "bench-cpu.yaml")
     parser.add_argument("--model")
-    parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    return parser
+
+
+def main() -> int:
+    parser = turns_parser()
+    parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--no-distilled", action="store_true",
                         help="only the step times, not the distilled vs 40-step requests")
     args, rest = parser.parse_known_args()

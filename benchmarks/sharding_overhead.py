@@ -14,7 +14,6 @@ block's compute (FSDP2's prefetch), so the CPU ratio bounds the cost from above.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -22,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_bench_model import model_flags  # noqa: E402
-from lora_overhead import run  # noqa: E402
+from lora_overhead import run, turns_parser  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "unsharded": [],
     "sharded": ["--shard-weights"],
@@ -33,12 +31,7 @@ VARIANTS = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "bench-cpu.yaml")
-    parser.add_argument("--model")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    args, rest = parser.parse_known_args()
+    args, rest = turns_parser().parse_known_args()
     flags = ["--config", str(args.config), *model_flags(args.config, args.model),
              "--ulysses", "2", *rest]
     steps: dict[str, list[float]] = {name: [] for name in VARIANTS}
